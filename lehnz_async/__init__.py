@@ -1,0 +1,37 @@
+"""lehnz_async: the asyncio event tracker for the Lehnz recommendations service."""
+
+from .__about__ import __version__
+from ._config import DEFAULT_INGEST_URL
+from ._event import Event
+from ._exceptions import (
+    AuthenticationError,
+    ConfigurationError,
+    DeliveryError,
+    EncodeError,
+    InvalidEventError,
+    LehnzError,
+    RejectedError,
+    RetriesExhaustedError,
+    ShutdownError,
+    TrackerClosedError,
+)
+from ._stats import Stats
+from ._tracker import Tracker
+
+__all__ = [
+    "DEFAULT_INGEST_URL",
+    "AuthenticationError",
+    "ConfigurationError",
+    "DeliveryError",
+    "EncodeError",
+    "Event",
+    "InvalidEventError",
+    "LehnzError",
+    "RejectedError",
+    "RetriesExhaustedError",
+    "ShutdownError",
+    "Stats",
+    "Tracker",
+    "TrackerClosedError",
+    "__version__",
+]

@@ -1,0 +1,141 @@
+"""Options of the tracker: the ``DEFAULT_*`` constants and their validation.
+
+Every default lives here and nowhere else; the README's options table mirrors this file.
+All durations are float seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ._exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._exceptions import DeliveryError
+
+#: The documented ingestion URL.
+DEFAULT_INGEST_URL = "https://ingestion.lehnz.com/api/v1/events/ingest"
+#: Environment variable read when no key is passed.
+API_KEY_ENV = "LEHNZ_API_KEY"
+#: Environment variable read when no endpoint is passed.
+ENDPOINT_ENV = "LEHNZ_ENDPOINT"
+
+DEFAULT_MAX_BATCH_SIZE = 500
+DEFAULT_MAX_BATCH_BYTES = 512 * 1024  # half of nginx's default 1 MiB client_max_body_size
+DEFAULT_FLUSH_INTERVAL = 1.0
+DEFAULT_MAX_CONCURRENT_REQUESTS = 4
+DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_MAX_QUEUE_SIZE = 100_000
+DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_MAX_RETRY_TIME = 60.0
+DEFAULT_RETRY_BASE_DELAY = 0.1
+DEFAULT_RETRY_MAX_DELAY = 10.0
+DEFAULT_CLOSE_TIMEOUT = 30.0
+
+PUBLISHABLE_PREFIX = "lehnz_pk_"
+SECRET_PREFIX = "lehnz_sk_"
+_KEY_CHARS = re.compile(r"[A-Za-z0-9_\-]+")
+
+OnError = Callable[["DeliveryError"], object]
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    """Return a usable publishable key or raise `ConfigurationError` saying why not."""
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV)
+        if not api_key:
+            raise ConfigurationError(
+                f"no API key: pass api_key='lehnz_pk_...' or set {API_KEY_ENV} "
+                "to your publishable key"
+            )
+    if not isinstance(api_key, str):
+        raise ConfigurationError(f"api_key must be a str, not {type(api_key).__name__}")
+    if api_key.startswith(SECRET_PREFIX):
+        raise ConfigurationError(
+            "secret keys (lehnz_sk_...) are refused: the ingestion endpoint answers "
+            "403 'Secret keys prohibited on public endpoints'; use your publishable "
+            "key (lehnz_pk_...) instead"
+        )
+    if (
+        not api_key.startswith(PUBLISHABLE_PREFIX)
+        or len(api_key) == len(PUBLISHABLE_PREFIX)
+        or not _KEY_CHARS.fullmatch(api_key)
+    ):
+        raise ConfigurationError(
+            "api_key is not a well-formed publishable key: it must start with "
+            "'lehnz_pk_' and contain only letters, digits, '_' and '-' "
+            "(check for stray whitespace or quotes)"
+        )
+    return api_key
+
+
+def _positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
+
+
+def _positive_float(name: str, value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated tracker options; see the README's options table."""
+
+    api_key: str
+    endpoint: str = DEFAULT_INGEST_URL
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_retry_time: float = DEFAULT_MAX_RETRY_TIME
+    retry_base_delay: float = DEFAULT_RETRY_BASE_DELAY
+    retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    on_error: OnError | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.endpoint, str) or not self.endpoint.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigurationError(
+                f"endpoint must be an http:// or https:// URL, got {self.endpoint!r}"
+            )
+        for name in (
+            "max_batch_size",
+            "max_batch_bytes",
+            "max_concurrent_requests",
+            "max_queue_size",
+            "max_attempts",
+        ):
+            _positive_int(name, getattr(self, name))
+        for name in (
+            "flush_interval",
+            "request_timeout",
+            "max_retry_time",
+            "retry_base_delay",
+            "retry_max_delay",
+            "close_timeout",
+        ):
+            _positive_float(name, getattr(self, name))
+        if self.max_queue_size < self.max_batch_size:
+            raise ConfigurationError(
+                f"max_queue_size ({self.max_queue_size}) must be at least "
+                f"max_batch_size ({self.max_batch_size})"
+            )
+        if self.on_error is not None and not callable(self.on_error):
+            raise ConfigurationError("on_error must be a callable taking one DeliveryError")

@@ -1,0 +1,129 @@
+"""The wire event, its validation, and the one JSON encoder.
+
+`Event` is exactly one element of the JSON array POSTed to the ingestion endpoint; fields
+that are None are left out of the JSON. `track()` builds it directly when its arguments
+are plain (the fast path) and calls `build_event` otherwise, which either normalizes the
+arguments or raises `InvalidEventError` naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from ._exceptions import InvalidEventError
+
+#: The four event families the endpoint accepts.
+FAMILIES = ("exposure", "engagement", "conversion", "system")
+
+#: Families of the documented standard event names, filled in when the caller gives none.
+STANDARD_FAMILIES: dict[str, str] = {
+    "view": "engagement",
+    "search": "engagement",
+    "click": "engagement",
+    "add_to_cart": "engagement",
+    "remove_from_cart": "engagement",
+    "checkout_start": "conversion",
+    "purchase": "conversion",
+    "identify": "system",
+}
+
+#: family -> family: a dict lookup that validates and raises KeyError in one step.
+VALID_FAMILIES: dict[str, str] = {f: f for f in FAMILIES}
+
+
+class Event(msgspec.Struct, omit_defaults=True, gc=False):
+    """One interaction event, as sent on the wire (None fields are omitted).
+
+    ``gc=False``: an Event never takes part in a reference cycle (its only container
+    field is ``context``, a user dict that cannot point back at the Event), so the
+    garbage collector need not track the hundreds of thousands a burst can queue.
+    """
+
+    user_id: str
+    event_family: str
+    event_name: str
+    item_id: str | None = None
+    session_id: str | None = None
+    recommendation_id: str | None = None
+    context: dict[str, Any] | None = None
+    previous_user_id: str | None = None
+
+
+#: The one encoder; reused for every batch (msgspec's advice).
+encoder = msgspec.json.Encoder()
+
+
+def _required_str(field: str, value: object) -> str:
+    if value is None:
+        raise InvalidEventError(field, "is required")
+    if not isinstance(value, str):
+        raise InvalidEventError(field, f"must be a str, not {type(value).__name__}")
+    if not value:
+        raise InvalidEventError(field, "must not be empty")
+    return str.__str__(value)
+
+
+def _optional_str(field: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidEventError(
+            field, f"must be a str or None, not {type(value).__name__} (convert ids with str())"
+        )
+    return str.__str__(value)
+
+
+def build_event(
+    user_id: object,
+    event_name: object,
+    item_id: object = None,
+    event_family: object = None,
+    session_id: object = None,
+    recommendation_id: object = None,
+    context: object = None,
+    previous_user_id: object = None,
+) -> Event:
+    """Validate and normalize `track()` arguments into an `Event`.
+
+    Raises:
+        InvalidEventError: naming the first field that is wrong.
+    """
+    uid = _required_str("user_id", user_id)
+    name = _required_str("event_name", event_name)
+    if event_family is None:
+        family = STANDARD_FAMILIES.get(name)
+        if family is None:
+            raise InvalidEventError(
+                "event_family",
+                f"custom event name {name!r} needs an event_family, one of "
+                f"{', '.join(FAMILIES)} (only the standard names "
+                f"{', '.join(STANDARD_FAMILIES)} have one filled in)",
+            )
+    else:
+        if not isinstance(event_family, str) or event_family not in VALID_FAMILIES:
+            raise InvalidEventError(
+                "event_family", f"must be one of {', '.join(FAMILIES)}, got {event_family!r}"
+            )
+        family = str.__str__(event_family)
+    ctx: dict[str, Any] | None
+    if context is None:
+        ctx = None
+    elif isinstance(context, Mapping):
+        ctx = context if type(context) is dict else dict(context)
+    else:
+        raise InvalidEventError(
+            "context", f"must be a mapping (a dict) or None, not {type(context).__name__}"
+        )
+    return Event(
+        uid,
+        family,
+        name,
+        _optional_str("item_id", item_id),
+        _optional_str("session_id", session_id),
+        _optional_str("recommendation_id", recommendation_id),
+        ctx,
+        _optional_str("previous_user_id", previous_user_id),
+    )

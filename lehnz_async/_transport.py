@@ -1,0 +1,116 @@
+"""The only module that imports aiohttp: one POST, its errors mapped in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import time
+from typing import NamedTuple
+
+import aiohttp
+import msgspec
+
+from . import __about__
+from ._retry import parse_retry_after
+
+USER_AGENT = (
+    f"lehnz-async/{__about__.__version__} python/{platform.python_version()} "
+    f"aiohttp/{aiohttp.__version__}"
+)
+
+
+class Response(NamedTuple):
+    """What the server answered to one POST."""
+
+    #: HTTP status.
+    status: int
+    #: The server's error message (JSON ``error`` field or plain text), None on success.
+    message: str | None
+    #: Seconds asked for by ``Retry-After``, or None.
+    retry_after: float | None
+
+
+class TransportFailure(Exception):
+    """No usable answer: a timeout, a refused or dropped connection."""
+
+
+def error_message(body: bytes) -> str | None:
+    """The ``error`` field of a JSON error body, else the start of the body as text."""
+    if not body:
+        return None
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return str(data["error"])
+    return body[:300].decode("utf-8", "replace").strip() or None
+
+
+class Transport:
+    """POSTs encoded batches over one keep-alive `aiohttp.ClientSession`.
+
+    The session is created on `open()` (inside the running loop) unless the user passed
+    one, in which case it is used as it is and never closed here.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: str,
+        request_timeout: float,
+        max_connections: int,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._endpoint = endpoint
+        self._headers = {
+            "X-API-KEY": api_key,
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._max_connections = max_connections
+        self._session = session
+        self._owns_session = session is None
+
+    async def open(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+            )
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    async def post(self, body: bytes, idempotency_key: str) -> Response:
+        """POST one encoded batch.
+
+        Raises:
+            TransportFailure: no HTTP answer (timeout, connection refused or dropped).
+        """
+        assert self._session is not None, "Transport.open() was not awaited"
+        headers = {**self._headers, "Idempotency-Key": idempotency_key}
+        try:
+            async with self._session.post(
+                self._endpoint,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                payload = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+        except asyncio.TimeoutError as exc:
+            raise TransportFailure(f"no answer within {self._timeout.total} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc
+        if 200 <= status < 300:
+            return Response(status, None, None)
+        if 300 <= status < 400:
+            message = f"unexpected redirect (check the endpoint URL): {error_message(payload)}"
+        else:
+            message = error_message(payload) or ""
+        return Response(status, message, parse_retry_after(retry_after, time.time()))

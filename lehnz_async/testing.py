@@ -1,0 +1,392 @@
+"""The reference ingestion server: the documented contract, in memory, on loopback.
+
+`ReferenceServer` implements ``POST /api/v1/events/ingest`` exactly as documented
+(``202``; ``400 Missing mandatory fields`` / ``Invalid event_family``; ``401 Missing or
+invalid X-API-KEY``; ``403 Secret keys prohibited on public endpoints``; one event object
+or an array) and ``POST /recommend`` (popularity over what it has ingested). Where the
+documentation is silent it chooses, and says so here:
+
+- a body over ``max_body_size`` bytes (default 1 MiB) gets ``413``;
+- a body that is not JSON, or an array holding a non-object, gets ``400 Malformed JSON``;
+- one bad event rejects the whole array;
+- errors are JSON ``{"error": "<message>"}``; ``202`` answers ``{"accepted": <n>}``;
+- a request whose ``Idempotency-Key`` was already accepted is answered ``202`` again
+  without storing its events twice, and counted in `ReferenceServer.duplicates`.
+
+A `FaultPlan` makes it misbehave on purpose (statuses with ``Retry-After``, latency,
+dropped connections, rejected events), so a client's tests run over real HTTP.
+
+Usage::
+
+    async with ReferenceServer() as server:
+        async with Tracker(server.api_key, endpoint=server.url) as tracker:
+            tracker.track("usr_1", "view", item_id="prod_1")
+        assert server.events[0]["item_id"] == "prod_1"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+__all__ = ["DEFAULT_TEST_KEY", "Fault", "FaultPlan", "ReferenceServer", "RequestRecord"]
+
+logger = logging.getLogger("lehnz_async.testing")
+
+#: The publishable key a server accepts when it is given no key list.
+DEFAULT_TEST_KEY = "lehnz_pk_test"
+INGEST_PATH = "/api/v1/events/ingest"
+RECOMMEND_PATH = "/recommend"
+DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+
+FAMILIES = frozenset({"exposure", "engagement", "conversion", "system"})
+_PUBLISHABLE = re.compile(r"lehnz_pk_[A-Za-z0-9_\-]+")
+
+
+@dataclasses.dataclass
+class Fault:
+    """One misbehaviour, for one request.
+
+    Attributes:
+        status: The status to answer (ignored when ``drop_connection``).
+        retry_after: The ``Retry-After`` header to send, as written (seconds or a date).
+        message: The JSON ``error`` message; a default names the status.
+        delay: Seconds to wait before answering (beyond a client's timeout: a timeout).
+        drop_connection: Close the connection without answering.
+        plain_text: Send the message as text/plain instead of JSON.
+    """
+
+    status: int = 503
+    retry_after: str | None = None
+    message: str | None = None
+    delay: float = 0.0
+    drop_connection: bool = False
+    plain_text: bool = False
+
+
+@dataclasses.dataclass
+class FaultPlan:
+    """How a `ReferenceServer` misbehaves; change it at any time, even mid-test.
+
+    Attributes:
+        latency: Seconds added before every answer.
+        max_body_size: Bodies larger than this get 413.
+        reject_event: Called with each event of a valid request; a returned string
+            rejects the request with ``400`` and that message (one bad event rejects
+            the array, as the contract assumes).
+        random_faults: ``(probability, Fault)`` pairs drawn for each ingest request
+            (after any queued fault), with ``seed`` for repeatable runs.
+    """
+
+    latency: float = 0.0
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    reject_event: Callable[[dict[str, Any]], str | None] | None = None
+    random_faults: list[tuple[float, Fault]] = dataclasses.field(default_factory=list)
+    seed: int | None = None
+    _queued: collections.deque[Fault] = dataclasses.field(
+        default_factory=collections.deque, repr=False
+    )
+    _rng: random.Random = dataclasses.field(default_factory=random.Random, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng.seed(self.seed)
+
+    def fail_next(
+        self,
+        n: int = 1,
+        status: int = 503,
+        *,
+        retry_after: str | None = None,
+        message: str | None = None,
+        delay: float = 0.0,
+        drop_connection: bool = False,
+        plain_text: bool = False,
+    ) -> None:
+        """Make the next ``n`` ingest requests fail this way."""
+        fault = Fault(status, retry_after, message, delay, drop_connection, plain_text)
+        self._queued.extend([fault] * n)
+
+    def next_fault(self) -> Fault | None:
+        """The fault for the request arriving now, if any (queued first, then random)."""
+        if self._queued:
+            return self._queued.popleft()
+        if self.random_faults:
+            draw = self._rng.random()
+            for probability, fault in self.random_faults:
+                if draw < probability:
+                    return fault
+                draw -= probability
+        return None
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """One ingest request as the server saw it."""
+
+    #: time.monotonic() when it arrived.
+    received_at: float
+    #: The answer's status (0 for a dropped connection).
+    status: int
+    #: Events it carried if they were parsed (0 otherwise).
+    n_events: int
+    #: The raw body.
+    body: bytes
+    headers: dict[str, str]
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.headers.get("Idempotency-Key")
+
+
+_JSON = msgspec.json.Decoder()
+
+
+class ReferenceServer:
+    """The ingestion contract on an ephemeral loopback port, as an async context manager.
+
+    Args:
+        api_keys: Keys it accepts; None accepts any well-formed ``lehnz_pk_...`` key.
+            `revoke()` refuses one later.
+        faults: How to misbehave (see `FaultPlan`); change ``server.faults`` any time.
+        host: The address to listen on (loopback by default).
+        port: 0 for an ephemeral port.
+        log_requests: Log each request at INFO on ``lehnz_async.testing``.
+    """
+
+    def __init__(
+        self,
+        api_keys: set[str] | None = None,
+        *,
+        faults: FaultPlan | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_requests: bool = False,
+    ) -> None:
+        self.api_keys = api_keys
+        self.faults = faults or FaultPlan()
+        self.host = host
+        self.port = port
+        self.log_requests = log_requests
+        self.revoked: set[str] = set()
+        #: Every accepted event, in arrival order, as decoded JSON objects.
+        self.events: list[dict[str, Any]] = []
+        #: Every ingest request, in arrival order.
+        self.requests: list[RequestRecord] = []
+        #: Requests answered 202 again because their Idempotency-Key was already accepted.
+        self.duplicates = 0
+        #: Ingest requests being handled right now, and the most at any moment.
+        self.in_flight = 0
+        self.max_in_flight = 0
+        #: recommendation_id -> the item ids it returned.
+        self.recommendations: dict[str, list[str]] = {}
+        self._accepted_keys: set[str] = set()
+        self._popularity: collections.Counter[str] = collections.Counter()
+        self._changed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ReferenceServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Listen; `url` is valid afterwards."""
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_post(INGEST_PATH, self._ingest)
+        app.router.add_post(RECOMMEND_PATH, self._recommend)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The ingestion endpoint, to pass as ``Tracker(endpoint=...)``."""
+        return self.base_url + INGEST_PATH
+
+    @property
+    def recommend_url(self) -> str:
+        return self.base_url + RECOMMEND_PATH
+
+    @property
+    def api_key(self) -> str:
+        """A key this server accepts."""
+        if self.api_keys:
+            return sorted(self.api_keys - self.revoked)[0]
+        return DEFAULT_TEST_KEY
+
+    def revoke(self, key: str) -> None:
+        """Answer 401 to ``key`` from now on."""
+        self.revoked.add(key)
+
+    # -- waiting, for tests ---------------------------------------------------------------
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Return once ``predicate()`` holds, re-checked after every request.
+
+        Raises:
+            TimeoutError: it did not hold within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"condition not met within {timeout} s")
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                continue
+
+    async def wait_for_events(self, n: int, timeout: float = 10.0) -> None:
+        """Return once at least ``n`` events were accepted."""
+        await self.wait_for(lambda: len(self.events) >= n, timeout)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- handlers -------------------------------------------------------------------------
+
+    def _check_key(self, request: web.Request) -> web.Response | None:
+        key = request.headers.get("X-API-KEY", "")
+        if key.startswith("lehnz_sk_"):
+            return _error(403, "Secret keys prohibited on public endpoints")
+        valid = (
+            key in self.api_keys if self.api_keys is not None else bool(_PUBLISHABLE.fullmatch(key))
+        )
+        if not valid or key in self.revoked:
+            return _error(401, "Missing or invalid X-API-KEY")
+        return None
+
+    async def _ingest(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._notify()
+        record = RequestRecord(time.monotonic(), 0, 0, b"", dict(request.headers))
+        try:
+            record.body = await request.read()
+            response = await self._answer(request, record)
+            record.status = response.status
+            return response
+        finally:
+            self.in_flight -= 1
+            self.requests.append(record)
+            if self.log_requests:
+                logger.info(
+                    "%s %d events -> %s", request.remote, record.n_events, record.status or "drop"
+                )
+            self._notify()
+
+    async def _answer(self, request: web.Request, record: RequestRecord) -> web.Response:
+        plan = self.faults
+        if plan.latency:
+            await asyncio.sleep(plan.latency)
+        if len(record.body) > plan.max_body_size:
+            return _error(413, f"Payload Too Large: the limit is {plan.max_body_size} bytes")
+        fault = plan.next_fault()
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.drop_connection:
+                assert request.transport is not None
+                request.transport.abort()
+                raise asyncio.CancelledError  # aiohttp ends the handler quietly
+            response = _error(
+                fault.status, fault.message or f"injected {fault.status}", fault.plain_text
+            )
+            if fault.retry_after is not None:
+                response.headers["Retry-After"] = fault.retry_after
+            return response
+        refused = self._check_key(request)
+        if refused is not None:
+            return refused
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and key in self._accepted_keys:
+            self.duplicates += 1
+            return web.json_response({"accepted": 0, "duplicate": True}, status=202)
+        try:
+            data = _JSON.decode(record.body)
+        except msgspec.DecodeError:
+            return _error(400, "Malformed JSON")
+        events = data if isinstance(data, list) else [data]
+        for event in events:
+            if not isinstance(event, dict):
+                return _error(400, "Malformed JSON")
+            if not all(
+                isinstance(event.get(f), str) and event[f]
+                for f in ("user_id", "event_family", "event_name")
+            ):
+                return _error(400, "Missing mandatory fields")
+            if event["event_family"] not in FAMILIES:
+                return _error(400, "Invalid event_family")
+        if plan.reject_event is not None:
+            for event in events:
+                reason = plan.reject_event(event)
+                if reason is not None:
+                    return _error(400, reason)
+        if key is not None:
+            self._accepted_keys.add(key)
+        self.events.extend(events)
+        self._popularity.update(e["item_id"] for e in events if isinstance(e.get("item_id"), str))
+        record.n_events = len(events)
+        return web.json_response({"accepted": len(events)}, status=202)
+
+    async def _recommend(self, request: web.Request) -> web.Response:
+        refused = self._check_key(request)
+        if refused is not None:
+            return refused
+        try:
+            data = _JSON.decode(await request.read())
+        except msgspec.DecodeError:
+            return _error(400, "Malformed JSON")
+        if not isinstance(data, dict) or not isinstance(data.get("user_id"), str):
+            return _error(400, "Missing mandatory fields")
+        limit = data.get("limit", 12)
+        if not isinstance(limit, int) or not 1 <= limit <= 100:
+            return _error(400, "Invalid limit")
+        items = [item for item, _ in self._popularity.most_common(limit)]
+        rec_id = "rec_" + uuid.uuid4().hex[:16]
+        self.recommendations[rec_id] = items
+        return web.json_response(
+            {"recommendation_id": rec_id, "user_id": data["user_id"], "all_item_ids": items}
+        )
+
+
+def _error(status: int, message: str, plain_text: bool = False) -> web.Response:
+    if plain_text:
+        return web.Response(status=status, text=message)
+    return web.json_response({"error": message}, status=status)

@@ -1,0 +1,58 @@
+"""Key rules and option validation, checked when the Tracker is made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lehnz_async import ConfigurationError, Tracker
+
+
+def test_secret_key_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigurationError, match=r"403.*publishable key \(lehnz_pk_"):
+        Tracker("lehnz_sk_live_123")
+
+
+def test_missing_key_names_the_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LEHNZ_API_KEY", raising=False)
+    with pytest.raises(ConfigurationError, match="LEHNZ_API_KEY"):
+        Tracker()
+
+
+def test_key_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEHNZ_API_KEY", "lehnz_pk_from_env")
+    assert Tracker()._config.api_key == "lehnz_pk_from_env"
+
+
+def test_secret_key_from_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEHNZ_API_KEY", "lehnz_sk_oops")
+    with pytest.raises(ConfigurationError, match="secret"):
+        Tracker()
+
+
+@pytest.mark.parametrize("key", ["", "pk_live_1", "lehnz_pk_abc\n", " lehnz_pk_abc", "lehnz_pk_"])
+def test_malformed_keys_are_refused(key: str) -> None:
+    with pytest.raises(ConfigurationError):
+        Tracker(key)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_batch_size", 0),
+        ("max_batch_size", 1.5),
+        ("max_batch_size", True),
+        ("flush_interval", 0),
+        ("flush_interval", float("nan")),
+        ("request_timeout", -1),
+        ("max_concurrent_requests", 0),
+        ("max_batch_bytes", 0),
+        ("max_queue_size", 10),  # below max_batch_size
+        ("endpoint", "ingestion.lehnz.com"),
+        ("on_error", "print"),
+    ],
+)
+def test_bad_options_are_refused_with_their_name(option: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError, match=option):
+        Tracker("lehnz_pk_test", **{option: value})
