@@ -36,6 +36,10 @@ DEFAULT_MAX_RETRY_TIME = 60.0
 DEFAULT_RETRY_BASE_DELAY = 0.1
 DEFAULT_RETRY_MAX_DELAY = 10.0
 DEFAULT_CLOSE_TIMEOUT = 30.0
+DEFAULT_OVERFLOW = "drop_newest"
+
+#: What track() does when max_queue_size events are waiting.
+OVERFLOW_POLICIES = ("drop_newest", "drop_oldest")
 
 PUBLISHABLE_PREFIX = "lehnz_pk_"
 SECRET_PREFIX = "lehnz_sk_"
@@ -106,6 +110,8 @@ class Config:
     retry_base_delay: float = DEFAULT_RETRY_BASE_DELAY
     retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    overflow: str = DEFAULT_OVERFLOW
+    spool_path: str | None = None
     on_error: OnError | None = None
 
     def __post_init__(self) -> None:
@@ -137,5 +143,12 @@ class Config:
                 f"max_queue_size ({self.max_queue_size}) must be at least "
                 f"max_batch_size ({self.max_batch_size})"
             )
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise ConfigurationError(
+                f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {self.overflow!r} "
+                "(use `await tracker.atrack(...)` to wait for room instead)"
+            )
+        if self.spool_path is not None and not self.spool_path:
+            raise ConfigurationError("spool_path must be a file path or None")
         if self.on_error is not None and not callable(self.on_error):
             raise ConfigurationError("on_error must be a callable taking one DeliveryError")

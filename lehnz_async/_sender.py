@@ -53,7 +53,11 @@ class Sender:
     Args:
         transport: Where to POST.
         ledger: Counters to settle events in.
-        report: Called with each `DeliveryError` (counts it as failed, logs, on_error).
+        report: Called with each `DeliveryError` that is final (rejected, refused key):
+            counts it as failed, logs it, calls on_error.
+        give_up: Called with events that were not delivered for want of time (retries
+            ran out on a retryable failure, or the close deadline passed), with their
+            body and idempotency key, so that they can be spooled instead of failed.
         max_attempts: Attempts per batch, the first included.
         max_retry_time: Seconds from a batch's first attempt after which no retry starts.
         retry_base_delay: Backoff of the first retry (before jitter).
@@ -65,6 +69,7 @@ class Sender:
         transport: Transport,
         ledger: Ledger,
         report: Callable[[DeliveryError], None],
+        give_up: Callable[[DeliveryError, bytes, str], None],
         *,
         max_attempts: int,
         max_retry_time: float,
@@ -74,6 +79,7 @@ class Sender:
         self._transport = transport
         self._ledger = ledger
         self._report = report
+        self._give_up = give_up
         self._max_attempts = max_attempts
         self._max_retry_time = max_retry_time
         self._base_delay = retry_base_delay
@@ -83,16 +89,23 @@ class Sender:
         # was told to.
         self._paused_until = 0.0
 
-    async def deliver(self, events: list[Event], body: bytes) -> None:
-        """Deliver ``events`` (already encoded as ``body``), bisecting where refused."""
-        pending = [(events, body)]  # stack of parts still to send, next one last
+    async def deliver(self, events: list[Event], body: bytes, key: str | None = None) -> None:
+        """Deliver ``events`` (already encoded as ``body``), bisecting where refused.
+
+        Args:
+            events: The events, settled in the ledger one way or another on return.
+            body: Their JSON array.
+            key: The batch's Idempotency-Key; a new one if None.
+        """
+        # stack of (events, body, idempotency key) still to send, the next one last
+        pending = [(events, body, key or new_idempotency_key())]
         while pending:
-            part, part_body = pending.pop()
+            part, part_body, part_key = pending.pop()
             try:
-                outcome = await self._attempts(part, part_body, new_idempotency_key())
+                outcome = await self._attempts(part, part_body, part_key)
             except anyio.get_cancelled_exc_class():
-                for rest, _ in pending:
-                    self._settle_failed(ShutdownError(_SHUTDOWN_MESSAGE, rest))
+                for rest, rest_body, rest_key in pending:
+                    self._give_up(ShutdownError(_SHUTDOWN_MESSAGE, rest), rest_body, rest_key)
                 raise
             if outcome is _Outcome.SPLIT:
                 half = len(part) // 2
@@ -100,7 +113,7 @@ class Sender:
                     good, piece_body, unencodable = encode(piece)
                     for event, reason in unencodable:  # cannot happen: they encoded before
                         self._settle_failed(EncodeError(reason, [event]))
-                    pending.append((good, piece_body))
+                    pending.append((good, piece_body, new_idempotency_key()))
 
     def _settle_failed(self, error: DeliveryError) -> None:
         self._ledger.in_flight -= len(error.events)
@@ -162,14 +175,16 @@ class Sender:
                     delay = backoff_delay(attempt, self._base_delay, self._max_delay)
                 elapsed = time.monotonic() - started
                 if attempt >= self._max_attempts or elapsed + delay > self._max_retry_time:
-                    self._settle_failed(
+                    self._give_up(
                         RetriesExhaustedError(
                             f"gave up after {attempt} attempt(s) in {elapsed:.1f} s; "
                             f"last: {failure}",
                             events,
                             status=None if response is None else response.status,
                             server_message=None if response is None else response.message,
-                        )
+                        ),
+                        body,
+                        key,
                     )
                     return _Outcome.SETTLED
                 if response is not None and (
@@ -179,7 +194,7 @@ class Sender:
                 logger.debug("%s; retry %d in %.3f s", failure, attempt, delay)
                 await anyio.sleep(delay)
         except anyio.get_cancelled_exc_class():
-            # Cancelled at the close deadline: these events are settled as failed here,
-            # at the one place that knows they are unsettled, then the cancel goes on.
-            self._settle_failed(ShutdownError(_SHUTDOWN_MESSAGE, events))
+            # Cancelled at the close deadline: these events are given up here, at the
+            # one place that knows they are unsettled, then the cancel goes on.
+            self._give_up(ShutdownError(_SHUTDOWN_MESSAGE, events), body, key)
             raise

@@ -8,10 +8,12 @@ from typing import NamedTuple
 class Stats(NamedTuple):
     """A snapshot of a tracker's counters.
 
-    At every moment ``tracked == delivered + failed + dropped + queued + in_flight``.
+    At every moment
+    ``tracked == delivered + failed + dropped + queued + in_flight + spooled``.
     """
 
-    #: Events accepted by track()/identify() (invalid calls raise and are not counted).
+    #: Events accepted by track()/identify() (invalid calls raise and are not counted),
+    #: and events re-sent from the spool when the tracker started.
     tracked: int
     #: Events the server acknowledged with a 2xx.
     delivered: int
@@ -23,6 +25,8 @@ class Stats(NamedTuple):
     queued: int
     #: Events cut into batches that are not settled yet (sending or waiting to retry).
     in_flight: int
+    #: Events written to the spool file, to be re-sent when a tracker next starts.
+    spooled: int
     #: Batches cut from the queue.
     batches: int
     #: HTTP requests made, retries and split halves included.
@@ -43,6 +47,7 @@ class Ledger:
         "in_flight",
         "requests",
         "retries",
+        "spooled",
         "taken",
     )
 
@@ -53,6 +58,7 @@ class Ledger:
         self.failed = 0
         self.dropped = 0
         self.in_flight = 0
+        self.spooled = 0
         self.batches = 0
         self.requests = 0
         self.retries = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -16,6 +17,8 @@ import aiohttp
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import anyio.to_thread
+import msgspec
 
 from . import _batch
 from ._config import (
@@ -28,6 +31,7 @@ from ._config import (
     DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_MAX_QUEUE_SIZE,
     DEFAULT_MAX_RETRY_TIME,
+    DEFAULT_OVERFLOW,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_RETRY_BASE_DELAY,
     DEFAULT_RETRY_MAX_DELAY,
@@ -37,19 +41,22 @@ from ._config import (
 )
 from ._event import STANDARD_FAMILIES, VALID_FAMILIES, Event, build_event
 from ._exceptions import (
+    AuthenticationError,
     DeliveryError,
     EncodeError,
     InvalidEventError,
     ShutdownError,
     TrackerClosedError,
 )
-from ._sender import Sender
+from ._sender import Sender, new_idempotency_key
+from ._spool import Spool
 from ._stats import Ledger, Stats
 from ._transport import Transport
 
 logger = logging.getLogger("lehnz_async")
 
 _DROP_LOG_INTERVAL = 10.0  # seconds between two warnings about a full queue
+_spool_decoder = msgspec.json.Decoder(list[Event])
 
 
 class _State(enum.Enum):
@@ -93,6 +100,12 @@ class Tracker:
         retry_base_delay: Backoff before jitter of the first retry; doubles each retry.
         retry_max_delay: Cap of the backoff before jitter (``Retry-After`` is obeyed as is).
         close_timeout: Default deadline of `aclose()`, in seconds.
+        overflow: What `track()` does with a full queue: ``"drop_newest"`` (the event
+            being tracked) or ``"drop_oldest"`` (the longest waiting). `atrack()` waits
+            for room instead.
+        spool_path: A SQLite file for batches not delivered in time (retries ran out on
+            a retryable failure, or the close deadline passed); they are re-sent, oldest
+            first, when a tracker with the same ``spool_path`` next starts.
         session: An `aiohttp.ClientSession` to use instead of the tracker's own; the
             tracker never closes it.
 
@@ -117,6 +130,8 @@ class Tracker:
         retry_base_delay: float = DEFAULT_RETRY_BASE_DELAY,
         retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        overflow: str = DEFAULT_OVERFLOW,
+        spool_path: str | os.PathLike[str] | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self._config = config = Config(
@@ -133,6 +148,8 @@ class Tracker:
             retry_base_delay=retry_base_delay,
             retry_max_delay=retry_max_delay,
             close_timeout=close_timeout,
+            overflow=overflow,
+            spool_path=None if spool_path is None else os.fspath(spool_path),
             on_error=on_error,
         )
         self._queue: deque[Event] = deque()
@@ -151,10 +168,15 @@ class Tracker:
             config.max_concurrent_requests,
             session,
         )
+        self._spool = None if config.spool_path is None else Spool(config.spool_path)
+        # spool rows to add (key, n events, body) and to remove (ids), not yet committed
+        self._spool_add: list[tuple[str, int, bytes]] = []
+        self._spool_remove: list[int] = []
         self._sender = Sender(
             self._transport,
             self._ledger,
             self._report,
+            self._give_up,
             max_attempts=config.max_attempts,
             max_retry_time=config.max_retry_time,
             retry_base_delay=config.retry_base_delay,
@@ -164,13 +186,15 @@ class Tracker:
         self._loop_thread = 0
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None  # set when batches leave the queue
         self._done: asyncio.Event | None = None
         self._drain_requested = False
         # first event sequence number of each batch not yet settled -> its size
         self._unsettled: dict[int, int] = {}
         # (sequence number, future): flush() calls waiting for all before it to settle
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._reported_kinds: set[tuple[type[DeliveryError], int | None]] = set()
+        # kinds of failure already logged at WARNING/ERROR; later ones go to DEBUG
+        self._reported_kinds: set[tuple[type, int | None]] = set()
         self._last_drop_log = -_DROP_LOG_INTERVAL
         self._drops_since_log = 0
 
@@ -258,6 +282,40 @@ class Tracker:
         else:
             self._enqueue_slow(event)
 
+    async def atrack(
+        self,
+        user_id: str,
+        event_name: str,
+        *,
+        item_id: str | None = None,
+        event_family: str | None = None,
+        session_id: str | None = None,
+        recommendation_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`track()` for producers that prefer backpressure: waits while the queue is full.
+
+        Never drops for want of room; bound the wait with ``anyio.move_on_after()`` if
+        needed. Raises as `track()` does.
+        """
+        if self._state is _State.NEW:
+            self._start_in_running_loop()
+        limit = self._config.max_queue_size
+        while len(self._queue) >= limit and self._state is _State.RUNNING:
+            assert self._room is not None
+            self._room.clear()
+            self._wake_flusher()
+            await self._room.wait()
+        self.track(
+            user_id,
+            event_name,
+            item_id=item_id,
+            event_family=event_family,
+            session_id=session_id,
+            recommendation_id=recommendation_id,
+            context=context,
+        )
+
     def _enqueue_slow(self, event: Event) -> None:
         state = self._state
         if state is _State.NEW:
@@ -271,14 +329,21 @@ class Tracker:
             return
         queue = self._queue
         if len(queue) >= self._config.max_queue_size:
-            self._drop(event)
-            return
+            if self._config.overflow == "drop_newest":
+                self._drop()
+                return
+            try:
+                queue.popleft()
+            except IndexError:  # emptied by the flusher meanwhile (another thread)
+                pass
+            else:
+                self._drop()
         queue.append(event)
         if state is _State.RUNNING and len(queue) >= self._config.max_batch_size:
             self._threshold = self._config.max_queue_size
             self._wake_flusher()
 
-    def _drop(self, event: Event) -> None:
+    def _drop(self) -> None:
         self._ledger.dropped += 1
         self._ledger.discarded += 1
         self._drops_since_log += 1
@@ -315,6 +380,7 @@ class Tracker:
         self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
+        self._room = asyncio.Event()
         self._state = _State.RUNNING
         self._threshold = self._config.max_batch_size
         self._task = loop.create_task(self._run(), name="lehnz_async flusher")
@@ -401,30 +467,46 @@ class Tracker:
 
     async def _run(self) -> None:
         assert self._done is not None
+        slots = anyio.Semaphore(self._config.max_concurrent_requests)
         try:
             await self._transport.open()
             async with anyio.create_task_group() as tg:
-                await self._flush_loop(tg)
+                if self._spool is not None:
+                    tg.start_soon(self._replay_spool, tg, slots)
+                await self._flush_loop(tg, slots)
         finally:
             self._state = _State.CLOSED
             self._threshold = 0
-            leftovers = list(self._queue)
-            self._queue.clear()
-            if leftovers:  # tracked by another thread while the last batch was cut
-                self._ledger.discarded += len(leftovers)
-                self._report(
-                    ShutdownError("the tracker closed before these events were sent", leftovers)
-                )
             with anyio.CancelScope(shield=True):
+                self._settle_leftovers()
+                await self._commit_spool()
                 await self._transport.close()
             self._release_flush_waiters(all_=True)
             self._done.set()
 
-    async def _flush_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        assert self._wake is not None
+    def _settle_leftovers(self) -> None:
+        """Spool or report what is still queued (the close deadline passed first)."""
+        if not self._queue:
+            return
+        if self._spool is None:
+            leftovers = list(self._queue)
+            self._queue.clear()
+            self._ledger.discarded += len(leftovers)
+            self._report(
+                ShutdownError("the tracker closed before these events were sent", leftovers)
+            )
+            return
+        while (cut := self._take_batch()) is not None:
+            self._give_up(
+                ShutdownError("the tracker closed before these events were sent", cut.events),
+                cut.body,
+                new_idempotency_key(),
+            )
+
+    async def _flush_loop(self, tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
+        assert self._wake is not None and self._room is not None
         config = self._config
         queue = self._queue
-        slots = anyio.Semaphore(config.max_concurrent_requests)
         interval = config.flush_interval
         next_tick = time.monotonic() + interval
         while True:
@@ -441,43 +523,112 @@ class Tracker:
             self._drain_requested = False
             while queue and (drain or len(queue) >= config.max_batch_size):
                 await slots.acquire()  # cut only when a slot is free: fuller batches
-                if not self._cut_and_send(tg, slots):
+                cut = self._take_batch()
+                if cut is None:
                     slots.release()
+                    continue
+                self._room.set()
+                self._start_send(tg, slots, cut.events, cut.body)
+            self._release_flush_waiters()  # in case only unencodable events were taken
             if self._state is _State.RUNNING:
                 self._threshold = config.max_batch_size
             elif not queue:
                 return  # closing and drained; the task group waits for what is in flight
 
-    def _cut_and_send(self, tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> bool:
+    def _take_batch(self) -> _batch.Cut | None:
+        """Cut the next batch off the queue into the ledger; None once the queue is empty.
+
+        Events that cannot be encoded are reported here; the batch returned is not empty.
+        """
         config = self._config
         ledger = self._ledger
-        cut = _batch.cut(self._queue, config.max_batch_size, config.max_batch_bytes)
-        if cut is None:
-            return False
-        seq = ledger.taken
-        taken = len(cut.events) + len(cut.unencodable)
-        ledger.taken += taken
-        ledger.in_flight += taken
-        for event, reason in cut.unencodable:
-            ledger.in_flight -= 1
-            self._report(EncodeError(f"the event could not be encoded: {reason}", [event]))
-        if not cut.events:
-            self._release_flush_waiters()
-            return False
-        ledger.batches += 1
-        self._unsettled[seq] = len(cut.events)
-        tg.start_soon(self._send, seq, cut.events, cut.body, slots)
-        return True
+        while cut := _batch.cut(self._queue, config.max_batch_size, config.max_batch_bytes):
+            ledger.taken += len(cut.events) + len(cut.unencodable)
+            ledger.in_flight += len(cut.events)
+            for event, reason in cut.unencodable:
+                self._report(EncodeError(f"the event could not be encoded: {reason}", [event]))
+            if cut.events:
+                return cut
+        return None
+
+    def _start_send(
+        self,
+        tg: anyio.abc.TaskGroup,
+        slots: anyio.Semaphore,
+        events: list[Event],
+        body: bytes,
+        key: str | None = None,
+        spool_id: int | None = None,
+    ) -> None:
+        """Send a batch already counted as taken and in flight, in a slot already held."""
+        seq = self._ledger.taken - len(events)
+        self._ledger.batches += 1
+        self._unsettled[seq] = len(events)
+        tg.start_soon(self._send, seq, events, body, slots, key, spool_id)
 
     async def _send(
-        self, seq: int, events: list[Event], body: bytes, slots: anyio.Semaphore
+        self,
+        seq: int,
+        events: list[Event],
+        body: bytes,
+        slots: anyio.Semaphore,
+        key: str | None,
+        spool_id: int | None,
     ) -> None:
         try:
-            await self._sender.deliver(events, body)
+            await self._sender.deliver(events, body, key)
         finally:
             slots.release()
             del self._unsettled[seq]
+            if spool_id is not None:  # settled, or spooled anew under a new row
+                self._spool_remove.append(spool_id)
             self._release_flush_waiters()
+        await self._commit_spool()
+
+    # -- the spool ------------------------------------------------------------------------
+
+    def _give_up(self, error: DeliveryError, body: bytes, key: str) -> None:
+        """Events out of time: spool them if there is a spool, else report them failed."""
+        n = len(error.events)
+        self._ledger.in_flight -= n
+        if self._spool is None:
+            self._report(error)
+            return
+        self._ledger.spooled += n
+        self._spool_add.append((key, n, body))
+        logger.log(
+            logging.DEBUG if (Spool, None) in self._reported_kinds else logging.WARNING,
+            "%d event(s) spooled to %s (%s); they are re-sent when a tracker next starts",
+            n,
+            self._spool.path,
+            error,
+        )
+        self._reported_kinds.add((Spool, None))
+
+    async def _commit_spool(self) -> None:
+        if self._spool is None or not (self._spool_add or self._spool_remove):
+            return
+        add, self._spool_add = self._spool_add, []
+        remove, self._spool_remove = self._spool_remove, []
+        await anyio.to_thread.run_sync(self._spool.commit, add, remove)
+
+    async def _replay_spool(self, tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
+        """Re-send what an earlier tracker spooled, oldest first, then delete it."""
+        assert self._spool is not None
+        rows = await anyio.to_thread.run_sync(self._spool.load)
+        if rows:
+            logger.info("re-sending %d spooled batch(es) from %s", len(rows), self._spool.path)
+        for row in rows:
+            try:
+                events = _spool_decoder.decode(row.body)
+            except msgspec.DecodeError as exc:
+                logger.error("dropping unreadable spool row %d: %s", row.id, exc)
+                self._spool_remove.append(row.id)
+                continue
+            await slots.acquire()
+            self._ledger.taken += len(events)
+            self._ledger.in_flight += len(events)
+            self._start_send(tg, slots, events, row.body, row.idempotency_key, row.id)
 
     def _settled_before(self, target: int) -> bool:
         """Whether every event with a sequence number below ``target`` is settled."""
@@ -499,7 +650,12 @@ class Tracker:
         """Count ``error``'s events as failed, log the first of its kind, call on_error."""
         self._ledger.failed += len(error.events)
         kind = (type(error), error.status)
-        level = logging.DEBUG if kind in self._reported_kinds else logging.WARNING
+        if kind in self._reported_kinds:
+            level = logging.DEBUG
+        elif isinstance(error, AuthenticationError):
+            level = logging.ERROR  # every batch will fail alike: say it loudly, once
+        else:
+            level = logging.WARNING
         self._reported_kinds.add(kind)
         logger.log(level, "%d event(s) not delivered: %s", len(error.events), error)
         callback = self._config.on_error
@@ -521,6 +677,7 @@ class Tracker:
             dropped=ledger.dropped,
             queued=queued,
             in_flight=ledger.in_flight,
+            spooled=ledger.spooled,
             batches=ledger.batches,
             requests=ledger.requests,
             retries=ledger.retries,

@@ -66,6 +66,9 @@ class Fault:
         delay: Seconds to wait before answering (beyond a client's timeout: a timeout).
         drop_connection: Close the connection without answering.
         plain_text: Send the message as text/plain instead of JSON.
+        process: Handle the request normally first (store its events), then misbehave:
+            ``delay`` makes the answer late, ``drop_connection`` loses it; the client
+            cannot tell that its events arrived, and a retry is a duplicate.
     """
 
     status: int = 503
@@ -74,6 +77,7 @@ class Fault:
     delay: float = 0.0
     drop_connection: bool = False
     plain_text: bool = False
+    process: bool = False
 
 
 @dataclasses.dataclass
@@ -113,9 +117,10 @@ class FaultPlan:
         delay: float = 0.0,
         drop_connection: bool = False,
         plain_text: bool = False,
+        process: bool = False,
     ) -> None:
-        """Make the next ``n`` ingest requests fail this way."""
-        fault = Fault(status, retry_after, message, delay, drop_connection, plain_text)
+        """Make the next ``n`` ingest requests fail this way (see `Fault`)."""
+        fault = Fault(status, retry_after, message, delay, drop_connection, plain_text, process)
         self._queued.extend([fault] * n)
 
     def next_fault(self) -> Fault | None:
@@ -144,6 +149,8 @@ class RequestRecord:
     #: The raw body.
     body: bytes
     headers: dict[str, str]
+    #: time.monotonic() when it was answered (or dropped).
+    answered_at: float = 0.0
 
     @property
     def idempotency_key(self) -> str | None:
@@ -303,6 +310,7 @@ class ReferenceServer:
             record.status = response.status
             return response
         finally:
+            record.answered_at = time.monotonic()
             self.in_flight -= 1
             self.requests.append(record)
             if self.log_requests:
@@ -318,19 +326,26 @@ class ReferenceServer:
         if len(record.body) > plan.max_body_size:
             return _error(413, f"Payload Too Large: the limit is {plan.max_body_size} bytes")
         fault = plan.next_fault()
-        if fault is not None:
-            if fault.delay:
-                await asyncio.sleep(fault.delay)
-            if fault.drop_connection:
-                assert request.transport is not None
-                request.transport.abort()
-                raise asyncio.CancelledError  # aiohttp ends the handler quietly
-            response = _error(
-                fault.status, fault.message or f"injected {fault.status}", fault.plain_text
-            )
-            if fault.retry_after is not None:
-                response.headers["Retry-After"] = fault.retry_after
-            return response
+        if fault is None:
+            return self._process(request, record)
+        response = (
+            self._process(request, record)
+            if fault.process
+            else _error(fault.status, fault.message or f"injected {fault.status}", fault.plain_text)
+        )
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.drop_connection:
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError  # aiohttp ends the handler quietly
+        if fault.retry_after is not None and not fault.process:
+            response.headers["Retry-After"] = fault.retry_after
+        return response
+
+    def _process(self, request: web.Request, record: RequestRecord) -> web.Response:
+        """The contract itself: key rules, de-duplication, validation, storage."""
+        plan = self.faults
         refused = self._check_key(request)
         if refused is not None:
             return refused

@@ -56,7 +56,12 @@ def make_tracker(server: ReferenceServer, errors: Errors) -> Callable[..., Track
 def assert_ledger(stats: Stats) -> None:
     """The one identity every scenario must keep."""
     assert stats.tracked == (
-        stats.delivered + stats.failed + stats.dropped + stats.queued + stats.in_flight
+        stats.delivered
+        + stats.failed
+        + stats.dropped
+        + stats.queued
+        + stats.in_flight
+        + stats.spooled
     ), stats
 
 
