@@ -5,6 +5,7 @@ from ._config import DEFAULT_INGEST_URL
 from ._event import Event
 from ._exceptions import (
     AuthenticationError,
+    BlockingCallError,
     ConfigurationError,
     DeliveryError,
     EncodeError,
@@ -21,6 +22,7 @@ from ._tracker import Tracker
 __all__ = [
     "DEFAULT_INGEST_URL",
     "AuthenticationError",
+    "BlockingCallError",
     "ConfigurationError",
     "DeliveryError",
     "EncodeError",

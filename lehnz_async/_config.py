@@ -36,6 +36,7 @@ DEFAULT_MAX_RETRY_TIME = 60.0
 DEFAULT_RETRY_BASE_DELAY = 0.1
 DEFAULT_RETRY_MAX_DELAY = 10.0
 DEFAULT_CLOSE_TIMEOUT = 30.0
+DEFAULT_EXIT_TIMEOUT = 5.0
 DEFAULT_OVERFLOW = "drop_newest"
 
 #: What track() does when max_queue_size events are waiting.
@@ -110,6 +111,7 @@ class Config:
     retry_base_delay: float = DEFAULT_RETRY_BASE_DELAY
     retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    exit_timeout: float = DEFAULT_EXIT_TIMEOUT
     overflow: str = DEFAULT_OVERFLOW
     spool_path: str | None = None
     on_error: OnError | None = None
@@ -136,6 +138,7 @@ class Config:
             "retry_base_delay",
             "retry_max_delay",
             "close_timeout",
+            "exit_timeout",
         ):
             _positive_float(name, getattr(self, name))
         if self.max_queue_size < self.max_batch_size:

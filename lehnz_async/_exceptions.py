@@ -6,6 +6,7 @@
     ├── ConfigurationError (ValueError)   bad options or key, raised when the Tracker is made
     ├── InvalidEventError (ValueError)    bad track() arguments, raised at the call site
     ├── TrackerClosedError                start() on a closed tracker
+    ├── BlockingCallError (RuntimeError)  close()/flush_sync() on the tracker's own loop
     └── DeliveryError                     events that could not be delivered; given to on_error
         ├── RejectedError                 the server refused them (400, 413, other 4xx)
         ├── AuthenticationError           the key was refused (401, 403)
@@ -50,6 +51,10 @@ class InvalidEventError(LehnzError, ValueError):
 
 class TrackerClosedError(LehnzError):
     """The tracker was closed; closed trackers cannot be restarted."""
+
+
+class BlockingCallError(LehnzError, RuntimeError):
+    """A blocking method was called on the event loop thread that runs the tracker."""
 
 
 class DeliveryError(LehnzError):

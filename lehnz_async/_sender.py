@@ -77,7 +77,7 @@ class Sender:
         retry_max_delay: float,
     ) -> None:
         self._transport = transport
-        self._ledger = ledger
+        self.ledger = ledger
         self._report = report
         self._give_up = give_up
         self._max_attempts = max_attempts
@@ -116,7 +116,7 @@ class Sender:
                     pending.append((good, piece_body, new_idempotency_key()))
 
     def _settle_failed(self, error: DeliveryError) -> None:
-        self._ledger.in_flight -= len(error.events)
+        self.ledger.in_flight -= len(error.events)
         self._report(error)
 
     async def _wait_pause(self) -> None:
@@ -125,7 +125,7 @@ class Sender:
             await anyio.sleep(delay)
 
     async def _attempts(self, events: list[Event], body: bytes, key: str) -> _Outcome:
-        ledger = self._ledger
+        ledger = self.ledger
         started = time.monotonic()
         attempt = 0
         try:

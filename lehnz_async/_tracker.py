@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import anyio
@@ -20,9 +21,10 @@ import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 
-from . import _batch
+from . import _batch, _runtime
 from ._config import (
     DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_EXIT_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_INGEST_URL,
     DEFAULT_MAX_ATTEMPTS,
@@ -42,12 +44,14 @@ from ._config import (
 from ._event import STANDARD_FAMILIES, VALID_FAMILIES, Event, build_event
 from ._exceptions import (
     AuthenticationError,
+    BlockingCallError,
     DeliveryError,
     EncodeError,
     InvalidEventError,
     ShutdownError,
     TrackerClosedError,
 )
+from ._runtime import LoopThread
 from ._sender import Sender, new_idempotency_key
 from ._spool import Spool
 from ._stats import Ledger, Stats
@@ -57,10 +61,19 @@ logger = logging.getLogger("lehnz_async")
 
 _DROP_LOG_INTERVAL = 10.0  # seconds between two warnings about a full queue
 _spool_decoder = msgspec.json.Decoder(list[Event])
+_T = TypeVar("_T")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class _State(enum.Enum):
     NEW = "new"  # not started: track() queues, nothing is sent yet
+    STARTING = "starting"  # its own loop thread is starting the flusher
     RUNNING = "running"  # the flusher task runs on `_loop`
     CLOSING = "closing"  # aclose() was called: the flusher drains and stops
     CLOSED = "closed"  # everything is settled; track() reports ShutdownError
@@ -100,6 +113,8 @@ class Tracker:
         retry_base_delay: Backoff before jitter of the first retry; doubles each retry.
         retry_max_delay: Cap of the backoff before jitter (``Retry-After`` is obeyed as is).
         close_timeout: Default deadline of `aclose()`, in seconds.
+        exit_timeout: Deadline of the exit hook that sends what a tracker that was never
+            closed still holds when the interpreter exits.
         overflow: What `track()` does with a full queue: ``"drop_newest"`` (the event
             being tracked) or ``"drop_oldest"`` (the longest waiting). `atrack()` waits
             for room instead.
@@ -130,6 +145,7 @@ class Tracker:
         retry_base_delay: float = DEFAULT_RETRY_BASE_DELAY,
         retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
         overflow: str = DEFAULT_OVERFLOW,
         spool_path: str | os.PathLike[str] | None = None,
         session: aiohttp.ClientSession | None = None,
@@ -148,6 +164,7 @@ class Tracker:
             retry_base_delay=retry_base_delay,
             retry_max_delay=retry_max_delay,
             close_timeout=close_timeout,
+            exit_timeout=exit_timeout,
             overflow=overflow,
             spool_path=None if spool_path is None else os.fspath(spool_path),
             on_error=on_error,
@@ -182,8 +199,11 @@ class Tracker:
             retry_base_delay=config.retry_base_delay,
             retry_max_delay=config.retry_max_delay,
         )
+        self._lock = threading.RLock()  # start/stop, and counters touched off the loop
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
+        self._loop_thread = 0  # threading.get_ident() of the loop's thread
+        self._own_loop: LoopThread | None = None  # where no loop of the program runs
+        self._replay_spool_at_start = True
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._room: asyncio.Event | None = None  # set when batches leave the queue
@@ -197,6 +217,7 @@ class Tracker:
         self._reported_kinds: set[tuple[type, int | None]] = set()
         self._last_drop_log = -_DROP_LOG_INTERVAL
         self._drops_since_log = 0
+        _runtime.register(self)
 
     # -- the hot path -------------------------------------------------------------------
 
@@ -298,14 +319,8 @@ class Tracker:
         Never drops for want of room; bound the wait with ``anyio.move_on_after()`` if
         needed. Raises as `track()` does.
         """
-        if self._state is _State.NEW:
-            self._start_in_running_loop()
-        limit = self._config.max_queue_size
-        while len(self._queue) >= limit and self._state is _State.RUNNING:
-            assert self._room is not None
-            self._room.clear()
-            self._wake_flusher()
-            await self._room.wait()
+        if len(self._queue) >= self._config.max_queue_size:
+            await self._on_own_loop(self._wait_for_room)
         self.track(
             user_id,
             event_name,
@@ -317,12 +332,13 @@ class Tracker:
         )
 
     def _enqueue_slow(self, event: Event) -> None:
+        """track()'s slow path: start, closed, full queue, or a batch is ready. Any thread."""
+        if self._state is _State.NEW:
+            self._ensure_started()
         state = self._state
-        if state is _State.NEW:
-            self._start_in_running_loop()
-            state = self._state
         if state is _State.CLOSED or state is _State.CLOSING:
-            self._ledger.discarded += 1
+            with self._lock:
+                self._ledger.discarded += 1
             self._report(
                 ShutdownError("the tracker is closed; create a new Tracker to send more", [event])
             )
@@ -344,20 +360,21 @@ class Tracker:
             self._wake_flusher()
 
     def _drop(self) -> None:
-        self._ledger.dropped += 1
-        self._ledger.discarded += 1
-        self._drops_since_log += 1
-        now = time.monotonic()
-        if now - self._last_drop_log >= _DROP_LOG_INTERVAL:
-            logger.warning(
-                "queue full (max_queue_size=%d): dropped %d event(s) since the last warning, "
-                "%d in all",
-                self._config.max_queue_size,
-                self._drops_since_log,
-                self._ledger.dropped,
-            )
+        with self._lock:
+            self._ledger.dropped += 1
+            self._ledger.discarded += 1
+            self._drops_since_log += 1
+            now = time.monotonic()
+            if now - self._last_drop_log < _DROP_LOG_INTERVAL:
+                return
+            dropped, self._drops_since_log = self._drops_since_log, 0
             self._last_drop_log = now
-            self._drops_since_log = 0
+        logger.warning(
+            "queue full (max_queue_size=%d): dropped %d event(s) since the last warning, %d in all",
+            self._config.max_queue_size,
+            dropped,
+            self._ledger.dropped,
+        )
 
     def _wake_flusher(self) -> None:
         wake, loop = self._wake, self._loop
@@ -370,22 +387,71 @@ class Tracker:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def _start_in_running_loop(self) -> None:
-        """Start the flusher if called inside a running loop; otherwise keep queueing."""
-        try:
+    def _ensure_started(self) -> None:
+        """Start the flusher if it is not running: on this thread's running loop, or, where
+        no loop runs, on a loop of the tracker's own in a background thread. Any thread."""
+        with self._lock:
+            if self._state is not _State.NEW:
+                return
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._own_loop = LoopThread()
+                self._loop = self._own_loop.loop
+                self._state = _State.STARTING
+                self._loop.call_soon_threadsafe(self._begin)
+                return
+            self._loop = loop
+            self._begin()
+
+    def _begin(self) -> None:
+        """Start the flusher task; on the tracker's loop, its thread, with the loop running."""
+        with self._lock:
+            if self._state is not _State.NEW and self._state is not _State.STARTING:
+                return
             loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-        self._wake = asyncio.Event()
-        self._done = asyncio.Event()
-        self._room = asyncio.Event()
-        self._state = _State.RUNNING
-        self._threshold = self._config.max_batch_size
-        self._task = loop.create_task(self._run(), name="lehnz_async flusher")
-        if self._queue:
-            self._wake.set()  # events tracked before the loop ran
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+            self._wake = asyncio.Event()
+            self._done = asyncio.Event()
+            self._room = asyncio.Event()
+            self._state = _State.RUNNING
+            self._threshold = self._config.max_batch_size
+            self._task = loop.create_task(self._run(), name="lehnz_async flusher")
+            if self._queue:
+                self._wake.set()  # events tracked before the loop ran
+
+    async def _on_own_loop(self, fn: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        """Await ``fn()`` run on the tracker's loop, from whichever loop the caller is on."""
+        self._ensure_started()
+        loop = self._loop
+        if loop is None or loop is asyncio.get_running_loop():
+            return await fn()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(), loop))
+
+    def _block_on_own_loop(
+        self, fn: Callable[[], Coroutine[Any, Any, _T]], timeout: float | None
+    ) -> _T:
+        """Run ``fn()`` on the tracker's loop and block this thread until it is done.
+
+        Raises:
+            BlockingCallError: this thread runs the tracker's loop (it would deadlock).
+            TimeoutError: not done within ``timeout`` seconds (then it is cancelled).
+        """
+        self._ensure_started()
+        loop = self._loop
+        assert loop is not None
+        if threading.get_ident() == self._loop_thread or _running_loop() is loop:
+            raise BlockingCallError(
+                "this blocking method was called on the event loop that runs the tracker, "
+                "where it would wait forever; await the async form (flush(), aclose()) instead"
+            )
+        future = asyncio.run_coroutine_threadsafe(fn(), loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"not done within {timeout} s") from None
 
     async def start(self) -> None:
         """Start the background flusher now (track() also starts it, lazily).
@@ -393,12 +459,11 @@ class Tracker:
         Raises:
             TrackerClosedError: the tracker was closed; closed trackers cannot restart.
         """
-        if self._state is _State.NEW:
-            self._start_in_running_loop()
-        elif self._state is not _State.RUNNING:
+        if self._state is _State.CLOSING or self._state is _State.CLOSED:
             raise TrackerClosedError(
                 "this Tracker was closed and cannot be restarted; create a new Tracker"
             )
+        self._ensure_started()
 
     async def __aenter__(self) -> Tracker:
         await self.start()
@@ -412,14 +477,70 @@ class Tracker:
     ) -> None:
         await self.aclose()
 
+    def __enter__(self) -> Tracker:
+        self._ensure_started()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
     async def flush(self) -> None:
         """Return once every event tracked before this call is delivered or reported.
 
         Partial batches are sent at once instead of waiting for ``flush_interval``.
         Wrap it in ``anyio.move_on_after()`` (or ``asyncio.timeout()``) to bound the wait.
         """
-        if self._state is _State.NEW:
-            self._start_in_running_loop()
+        if self._state is not _State.CLOSED:
+            await self._on_own_loop(self._flush)
+
+    def flush_sync(self, timeout: float | None = None) -> None:
+        """The blocking form of `flush()`, for code that runs no event loop.
+
+        Raises:
+            TimeoutError: not everything settled within ``timeout`` seconds.
+            BlockingCallError: called on the loop that runs the tracker.
+        """
+        if self._state is not _State.CLOSED:
+            self._block_on_own_loop(self._flush, timeout)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Send what is queued, wait for it to settle, then release the HTTP session.
+
+        Idempotent. Shielded from cancellation of the calling task, so that an app being
+        cancelled still flushes, but bounded: after ``timeout`` seconds (default
+        ``close_timeout``) what is still unsettled is spooled if there is a spool, else
+        reported to ``on_error`` as `ShutdownError`.
+        """
+        if self._state is _State.CLOSED:
+            return
+        with anyio.CancelScope(shield=True):
+            await self._on_own_loop(lambda: self._aclose(timeout))
+        self._stop_own_loop()
+        # everything is settled; now let a cancellation of the caller take its course
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+    def close(self, timeout: float | None = None) -> None:
+        """The blocking form of `aclose()`, for code that runs no event loop.
+
+        Raises:
+            BlockingCallError: called on the loop that runs the tracker.
+        """
+        if self._state is _State.CLOSED:
+            return
+        self._block_on_own_loop(lambda: self._aclose(timeout), None)
+        self._stop_own_loop()
+
+    def _stop_own_loop(self) -> None:
+        if self._own_loop is not None:
+            self._own_loop.stop()
+            self._own_loop = None
+
+    async def _flush(self) -> None:
         target = self._ledger.taken + len(self._queue)
         if self._state is _State.CLOSED or self._settled_before(target):
             return
@@ -429,60 +550,117 @@ class Tracker:
         self._wake_flusher()
         await future
 
-    async def aclose(self, timeout: float | None = None) -> None:
-        """Send what is queued, wait for it to settle, then release the HTTP session.
+    async def _wait_for_room(self) -> None:
+        limit = self._config.max_queue_size
+        while len(self._queue) >= limit and self._state is _State.RUNNING:
+            assert self._room is not None
+            self._room.clear()
+            self._wake_flusher()
+            await self._room.wait()
 
-        Idempotent. Shielded from cancellation of the calling task, so that an app being
-        cancelled still flushes, but bounded: after ``timeout`` seconds (default
-        ``close_timeout``) what is still unsettled is reported to ``on_error`` as
-        `ShutdownError`.
-        """
+    async def _aclose(self, timeout: float | None) -> None:
+        """aclose() on the tracker's loop."""
         deadline = self._config.close_timeout if timeout is None else timeout
-        if self._state is _State.NEW:
-            self._start_in_running_loop()
-        if self._state is _State.NEW:  # no running loop (cannot happen in a coroutine)
-            self._state = _State.CLOSED
-            return
         if self._state is _State.RUNNING:
             self._state = _State.CLOSING
             self._threshold = 0
             self._wake_flusher()
+        if self._state is _State.CLOSED:
+            return
         assert self._done is not None and self._task is not None
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(deadline):
-                await self._done.wait()
-            if not self._done.is_set():
-                logger.warning(
-                    "close deadline of %.1f s passed with %d event(s) unsettled; "
-                    "reporting them to on_error",
-                    deadline,
-                    self._ledger.in_flight + len(self._queue),
-                )
-                self._task.cancel()
-                await self._done.wait()
-        # everything is settled; now let a cancellation of the caller take its course
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.move_on_after(deadline):
+            await self._done.wait()
+        if not self._done.is_set():
+            logger.warning(
+                "close deadline of %.1f s passed with %d event(s) unsettled",
+                deadline,
+                self._ledger.in_flight + len(self._queue),
+            )
+            self._task.cancel()
+            await self._done.wait()
+
+    # -- exit and fork --------------------------------------------------------------------
+
+    def _exit_flush(self) -> None:
+        """At interpreter exit: send what is left, within ``exit_timeout`` seconds."""
+        if self._state is _State.CLOSED:
+            return
+        loop = self._loop
+        if loop is not None and (loop.is_closed() or not loop.is_running()):
+            # the loop it ran on is gone without aclose(): start over on a loop of its own
+            lost = self._ledger.in_flight
+            if lost:
+                logger.error("%d in-flight event(s) were lost with their event loop", lost)
+            self._reset(keep_queue=True)
+        if self._state is _State.NEW and not self._queue:
+            return
+        logger.info(
+            "sending %d event(s) left at exit (tracker never closed; exit_timeout=%.1f s)",
+            len(self._queue) + self._ledger.in_flight,
+            self._config.exit_timeout,
+        )
+        self.close(timeout=self._config.exit_timeout)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: start empty; the parent sends what it had queued."""
+        self._lock = threading.RLock()
+        self._own_loop = None
+        self._reset(keep_queue=False)
+        self._replay_spool_at_start = False  # the parent's spool is the parent's to send
+
+    def _reset(self, keep_queue: bool) -> None:
+        """Back to NEW, not bound to any loop (that loop is gone, or in another process)."""
+        if not keep_queue:
+            self._queue = deque()
+            self._append = self._queue.append
+            self._ledger = Ledger()
+            self._sender.ledger = self._ledger
+        else:
+            self._ledger.in_flight = 0
+        self._state = _State.NEW
+        self._threshold = 0
+        self._loop = None
+        self._loop_thread = 0
+        self._task = None
+        self._unsettled.clear()
+        self._flush_waiters = []
+        self._spool_add = []
+        self._spool_remove = []
+        self._transport.forget_session()
 
     # -- the flusher ----------------------------------------------------------------------
 
     async def _run(self) -> None:
         assert self._done is not None
+        done = self._done
         slots = anyio.Semaphore(self._config.max_concurrent_requests)
         try:
             await self._transport.open()
             async with anyio.create_task_group() as tg:
-                if self._spool is not None:
+                if self._spool is not None and self._replay_spool_at_start:
                     tg.start_soon(self._replay_spool, tg, slots)
                 await self._flush_loop(tg, slots)
         finally:
-            self._state = _State.CLOSED
-            self._threshold = 0
+            # Cancelled while RUNNING: the loop is being torn down without aclose() (the
+            # in-flight events were put back in the queue by _give_up). Keep the queue and
+            # go back to NEW, for the exit hook or a later loop to send.
+            orphaned = self._state is _State.RUNNING
             with anyio.CancelScope(shield=True):
-                self._settle_leftovers()
+                if not orphaned:
+                    self._state = _State.CLOSED
+                    self._threshold = 0
+                    self._settle_leftovers()
                 await self._commit_spool()
                 await self._transport.close()
             self._release_flush_waiters(all_=True)
-            self._done.set()
+            if orphaned:
+                logger.warning(
+                    "the event loop stopped the tracker without aclose(); %d event(s) kept "
+                    "for the exit hook or the next loop",
+                    len(self._queue),
+                )
+                self._reset(keep_queue=True)
+            done.set()
 
     def _settle_leftovers(self) -> None:
         """Spool or report what is still queued (the close deadline passed first)."""
@@ -591,6 +769,11 @@ class Tracker:
         """Events out of time: spool them if there is a spool, else report them failed."""
         n = len(error.events)
         self._ledger.in_flight -= n
+        if isinstance(error, ShutdownError) and self._state is _State.RUNNING:
+            # cancelled by the loop's teardown, not by the close deadline: keep them
+            self._ledger.taken -= n
+            self._queue.extendleft(reversed(error.events))
+            return
         if self._spool is None:
             self._report(error)
             return
@@ -648,15 +831,17 @@ class Tracker:
 
     def _report(self, error: DeliveryError) -> None:
         """Count ``error``'s events as failed, log the first of its kind, call on_error."""
-        self._ledger.failed += len(error.events)
         kind = (type(error), error.status)
-        if kind in self._reported_kinds:
+        with self._lock:
+            self._ledger.failed += len(error.events)
+            seen = kind in self._reported_kinds
+            self._reported_kinds.add(kind)
+        if seen:
             level = logging.DEBUG
         elif isinstance(error, AuthenticationError):
             level = logging.ERROR  # every batch will fail alike: say it loudly, once
         else:
             level = logging.WARNING
-        self._reported_kinds.add(kind)
         logger.log(level, "%d event(s) not delivered: %s", len(error.events), error)
         callback = self._config.on_error
         if callback is not None:

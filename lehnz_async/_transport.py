@@ -79,6 +79,11 @@ class Transport:
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
             )
 
+    def forget_session(self) -> None:
+        """Drop a session bound to a loop that is gone (or to the parent of a fork)."""
+        if self._owns_session:
+            self._session = None
+
     async def close(self) -> None:
         if self._owns_session and self._session is not None:
             await self._session.close()
