@@ -42,6 +42,8 @@ DEFAULT_OVERFLOW = "drop_newest"
 #: What track() does when max_queue_size events are waiting.
 OVERFLOW_POLICIES = ("drop_newest", "drop_oldest")
 
+#: The key a capture tracker uses when none is given (it never reaches a server).
+CAPTURE_API_KEY = "lehnz_pk_capture"
 PUBLISHABLE_PREFIX = "lehnz_pk_"
 SECRET_PREFIX = "lehnz_sk_"
 _KEY_CHARS = re.compile(r"[A-Za-z0-9_\-]+")
@@ -77,6 +79,13 @@ def resolve_api_key(api_key: str | None) -> str:
             "(check for stray whitespace or quotes)"
         )
     return api_key
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    """The endpoint given, else ``$LEHNZ_ENDPOINT``, else the documented URL."""
+    if endpoint is None:
+        return os.environ.get(ENDPOINT_ENV) or DEFAULT_INGEST_URL
+    return endpoint
 
 
 def _positive_int(name: str, value: int) -> None:

@@ -6,7 +6,7 @@
     ├── ConfigurationError (ValueError)   bad options or key, raised when the Tracker is made
     ├── InvalidEventError (ValueError)    bad track() arguments, raised at the call site
     ├── TrackerClosedError                start() on a closed tracker
-    ├── BlockingCallError (RuntimeError)  close()/flush_sync() on the tracker's own loop
+    ├── BlockingCallError (RuntimeError)  a call that would wait on a loop that cannot run it
     └── DeliveryError                     events that could not be delivered; given to on_error
         ├── RejectedError                 the server refused them (400, 413, other 4xx)
         ├── AuthenticationError           the key was refused (401, 403)
@@ -54,7 +54,12 @@ class TrackerClosedError(LehnzError):
 
 
 class BlockingCallError(LehnzError, RuntimeError):
-    """A blocking method was called on the event loop thread that runs the tracker."""
+    """A call would wait on an event loop that cannot run it.
+
+    `Tracker.close()` or `Tracker.flush_sync()` on the thread of the loop that runs the
+    tracker (it would wait forever), or any waiting call while the tracker's loop exists
+    but is not running.
+    """
 
 
 class DeliveryError(LehnzError):

@@ -84,6 +84,16 @@ def _after_fork_in_child() -> None:
         util.Finalize(None, _at_exit, exitpriority=10)
 
 
-atexit.register(_at_exit)
+# Run before the interpreter shuts down thread pools: threading's own exit callbacks
+# run first (last registered first), and concurrent.futures registers one that stops
+# the default executor, which aiohttp needs to resolve host names. An exit hook in plain
+# atexit would run after that and could not open a connection.
+import concurrent.futures.thread  # noqa: E402,F401  (registers its callback first)
+
+_register_threading_atexit = getattr(threading, "_register_atexit", None)
+if _register_threading_atexit is not None:
+    _register_threading_atexit(_at_exit)
+else:  # pragma: no cover - CPython has had it since 3.9
+    atexit.register(_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)

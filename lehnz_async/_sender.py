@@ -27,7 +27,7 @@ from ._exceptions import (
 )
 from ._retry import RETRYABLE_STATUSES, backoff_delay
 from ._stats import Ledger
-from ._transport import Response, Transport, TransportFailure
+from ._transport import BatchTransport, Response, TransportFailure
 
 logger = logging.getLogger("lehnz_async")
 
@@ -66,7 +66,7 @@ class Sender:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: BatchTransport,
         ledger: Ledger,
         report: Callable[[DeliveryError], None],
         give_up: Callable[[DeliveryError, bytes, str], None],

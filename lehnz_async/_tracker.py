@@ -23,10 +23,11 @@ import msgspec
 
 from . import _batch, _runtime
 from ._config import (
+    API_KEY_ENV,
+    CAPTURE_API_KEY,
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_EXIT_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
-    DEFAULT_INGEST_URL,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_SIZE,
@@ -40,14 +41,16 @@ from ._config import (
     Config,
     OnError,
     resolve_api_key,
+    resolve_endpoint,
 )
-from ._event import STANDARD_FAMILIES, VALID_FAMILIES, Event, build_event
+from ._event import FAST_FAMILIES, STANDARD_FAMILIES, Event, build_event
 from ._exceptions import (
     AuthenticationError,
     BlockingCallError,
     DeliveryError,
     EncodeError,
     InvalidEventError,
+    LehnzError,
     ShutdownError,
     TrackerClosedError,
 )
@@ -55,7 +58,7 @@ from ._runtime import LoopThread
 from ._sender import Sender, new_idempotency_key
 from ._spool import Spool
 from ._stats import Ledger, Stats
-from ._transport import Transport
+from ._transport import BatchTransport, CaptureTransport, Transport
 
 logger = logging.getLogger("lehnz_async")
 
@@ -99,7 +102,8 @@ class Tracker:
 
     Args:
         api_key: The publishable key (``lehnz_pk_...``); None reads ``LEHNZ_API_KEY``.
-        endpoint: The ingestion URL.
+        endpoint: The ingestion URL; None reads ``LEHNZ_ENDPOINT``, else the documented
+            URL (`DEFAULT_INGEST_URL`).
         max_batch_size: Most events in one POST.
         flush_interval: Most seconds an event waits in the queue before its batch is sent.
         max_concurrent_requests: Most POSTs in flight at once.
@@ -123,6 +127,9 @@ class Tracker:
             first, when a tracker with the same ``spool_path`` next starts.
         session: An `aiohttp.ClientSession` to use instead of the tracker's own; the
             tracker never closes it.
+        capture: Record batches in memory instead of sending them, for tests: see
+            `captured` and `lehnz_async.testing.assert_tracked`. Everything but the HTTP
+            runs for real; no key is needed.
 
     Raises:
         ConfigurationError: a missing, secret or malformed key, or an unusable option.
@@ -132,7 +139,7 @@ class Tracker:
         self,
         api_key: str | None = None,
         *,
-        endpoint: str = DEFAULT_INGEST_URL,
+        endpoint: str | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -149,10 +156,13 @@ class Tracker:
         overflow: str = DEFAULT_OVERFLOW,
         spool_path: str | os.PathLike[str] | None = None,
         session: aiohttp.ClientSession | None = None,
+        capture: bool = False,
     ) -> None:
+        if capture and api_key is None and not os.environ.get(API_KEY_ENV):
+            api_key = CAPTURE_API_KEY
         self._config = config = Config(
             api_key=resolve_api_key(api_key),
-            endpoint=endpoint,
+            endpoint=resolve_endpoint(endpoint),
             max_batch_size=max_batch_size,
             max_batch_bytes=max_batch_bytes,
             flush_interval=flush_interval,
@@ -178,7 +188,8 @@ class Tracker:
         self._threshold = 0
         self._state = _State.NEW
         self._ledger = Ledger()
-        self._transport = Transport(
+        self._capture = CaptureTransport() if capture else None
+        self._transport: BatchTransport = self._capture or Transport(
             config.endpoint,
             config.api_key,
             config.request_timeout,
@@ -210,7 +221,7 @@ class Tracker:
         self._done: asyncio.Event | None = None
         self._drain_requested = False
         # first event sequence number of each batch not yet settled -> its size
-        self._unsettled: dict[int, int] = {}
+        self._unsettled: dict[int, list[Event]] = {}
         # (sequence number, future): flush() calls waiting for all before it to settle
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # kinds of failure already logged at WARNING/ERROR; later ones go to DEBUG
@@ -247,7 +258,7 @@ class Tracker:
             family = (
                 STANDARD_FAMILIES[event_name]
                 if event_family is None
-                else VALID_FAMILIES[event_family]
+                else FAST_FAMILIES[event_family]
             )
         except (KeyError, TypeError):
             family = ""
@@ -423,9 +434,8 @@ class Tracker:
 
     async def _on_own_loop(self, fn: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         """Await ``fn()`` run on the tracker's loop, from whichever loop the caller is on."""
-        self._ensure_started()
-        loop = self._loop
-        if loop is None or loop is asyncio.get_running_loop():
+        loop = self._serving_loop()
+        if loop is asyncio.get_running_loop():
             return await fn()
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(), loop))
 
@@ -438,9 +448,7 @@ class Tracker:
             BlockingCallError: this thread runs the tracker's loop (it would deadlock).
             TimeoutError: not done within ``timeout`` seconds (then it is cancelled).
         """
-        self._ensure_started()
-        loop = self._loop
-        assert loop is not None
+        loop = self._serving_loop()
         if threading.get_ident() == self._loop_thread or _running_loop() is loop:
             raise BlockingCallError(
                 "this blocking method was called on the event loop that runs the tracker, "
@@ -452,6 +460,24 @@ class Tracker:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError(f"not done within {timeout} s") from None
+
+    def _serving_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop to run the tracker's coroutines on, started (or adopted) if need be.
+
+        Raises:
+            BlockingCallError: the tracker runs on a loop that exists but is not running.
+        """
+        if self._loop_stopped():
+            assert self._loop is not None
+            if not self._loop.is_closed():
+                raise BlockingCallError(
+                    "the tracker runs on an event loop that is not running now; call this "
+                    "from that loop, or close the tracker there with `await tracker.aclose()`"
+                )
+            self._adopt()  # a closed loop never runs again
+        self._ensure_started()
+        assert self._loop is not None
+        return self._loop
 
     async def start(self) -> None:
         """Start the background flusher now (track() also starts it, lazily).
@@ -585,13 +611,8 @@ class Tracker:
         """At interpreter exit: send what is left, within ``exit_timeout`` seconds."""
         if self._state is _State.CLOSED:
             return
-        loop = self._loop
-        if loop is not None and (loop.is_closed() or not loop.is_running()):
-            # the loop it ran on is gone without aclose(): start over on a loop of its own
-            lost = self._ledger.in_flight
-            if lost:
-                logger.error("%d in-flight event(s) were lost with their event loop", lost)
-            self._reset(keep_queue=True)
+        if self._loop_stopped():  # it will not run again: send from a loop of our own
+            self._adopt()
         if self._state is _State.NEW and not self._queue:
             return
         logger.info(
@@ -608,6 +629,29 @@ class Tracker:
         self._reset(keep_queue=False)
         self._replay_spool_at_start = False  # the parent's spool is the parent's to send
 
+    def _loop_stopped(self) -> bool:
+        """Whether the program's loop this tracker runs on is closed or not running."""
+        loop = self._loop
+        return (
+            self._own_loop is None
+            and loop is not None
+            and (self._state is _State.RUNNING or self._state is _State.CLOSING)
+            and (loop.is_closed() or not loop.is_running())
+        )
+
+    def _adopt(self) -> None:
+        """Leave a loop that will never run again, keeping every event for the next one.
+
+        Batches it had in flight go back to the front of the queue: at-least-once, so a
+        batch whose answer was lost with the loop may be sent twice.
+        """
+        with self._lock:
+            for _, events in sorted(self._unsettled.items(), reverse=True):
+                self._queue.extendleft(reversed(events))
+                self._ledger.taken -= len(events)
+                self._ledger.in_flight -= len(events)
+            self._reset(keep_queue=True)
+
     def _reset(self, keep_queue: bool) -> None:
         """Back to NEW, not bound to any loop (that loop is gone, or in another process)."""
         if not keep_queue:
@@ -615,8 +659,6 @@ class Tracker:
             self._append = self._queue.append
             self._ledger = Ledger()
             self._sender.ledger = self._ledger
-        else:
-            self._ledger.in_flight = 0
         self._state = _State.NEW
         self._threshold = 0
         self._loop = None
@@ -654,12 +696,13 @@ class Tracker:
                 await self._transport.close()
             self._release_flush_waiters(all_=True)
             if orphaned:
+                # batches whose delivery never started are still unsettled: keep them too
+                self._adopt()
                 logger.warning(
                     "the event loop stopped the tracker without aclose(); %d event(s) kept "
                     "for the exit hook or the next loop",
                     len(self._queue),
                 )
-                self._reset(keep_queue=True)
             done.set()
 
     def _settle_leftovers(self) -> None:
@@ -741,7 +784,7 @@ class Tracker:
         """Send a batch already counted as taken and in flight, in a slot already held."""
         seq = self._ledger.taken - len(events)
         self._ledger.batches += 1
-        self._unsettled[seq] = len(events)
+        self._unsettled[seq] = events
         tg.start_soon(self._send, seq, events, body, slots, key, spool_id)
 
     async def _send(
@@ -867,6 +910,17 @@ class Tracker:
             requests=ledger.requests,
             retries=ledger.retries,
         )
+
+    @property
+    def captured(self) -> list[Event]:
+        """With ``capture=True``: the events "sent" so far, in order (flush() first).
+
+        Raises:
+            LehnzError: the tracker was not made with ``capture=True``.
+        """
+        if self._capture is None:
+            raise LehnzError("captured is only kept by a Tracker(capture=True)")
+        return list(self._capture.events)
 
     @property
     def closed(self) -> bool:

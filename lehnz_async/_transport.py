@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import platform
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import aiohttp
 import msgspec
 
 from . import __about__
 from ._retry import parse_retry_after
+
+if TYPE_CHECKING:
+    from ._event import Event
 
 USER_AGENT = (
     f"lehnz-async/{__about__.__version__} python/{platform.python_version()} "
@@ -45,6 +48,47 @@ def error_message(body: bytes) -> str | None:
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         return str(data["error"])
     return body[:300].decode("utf-8", "replace").strip() or None
+
+
+class BatchTransport(Protocol):
+    """Where the sender hands encoded batches: HTTP (`Transport`) or memory (capture)."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def forget_session(self) -> None: ...
+
+    async def post(self, body: bytes, idempotency_key: str) -> Response: ...
+
+
+class CaptureTransport:
+    """Keeps batches in memory instead of sending them (``Tracker(capture=True)``).
+
+    Everything else runs for real: validation, batching, encoding; ``events`` holds what
+    the server would have received, decoded back from the exact bytes.
+    """
+
+    def __init__(self) -> None:
+        from ._event import Event
+
+        self._decoder = msgspec.json.Decoder(list[Event])
+        self.events: list[Event] = []
+        self.keys: list[str] = []
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def forget_session(self) -> None:
+        pass
+
+    async def post(self, body: bytes, idempotency_key: str) -> Response:
+        self.events.extend(self._decoder.decode(body))
+        self.keys.append(idempotency_key)
+        return Response(202, None, None)
 
 
 class Transport:

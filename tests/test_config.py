@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from lehnz_async import ConfigurationError, Tracker
+from lehnz_async import DEFAULT_INGEST_URL, ConfigurationError, Tracker
 
 
 def test_secret_key_is_refused_with_the_reason() -> None:
@@ -56,3 +56,15 @@ def test_malformed_keys_are_refused(key: str) -> None:
 def test_bad_options_are_refused_with_their_name(option: str, value: Any) -> None:
     with pytest.raises(ConfigurationError, match=option):
         Tracker("lehnz_pk_test", **{option: value})
+
+
+def test_endpoint_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEHNZ_ENDPOINT", "http://127.0.0.1:8080/api/v1/events/ingest")
+    assert Tracker("lehnz_pk_test")._config.endpoint == "http://127.0.0.1:8080/api/v1/events/ingest"
+    monkeypatch.delenv("LEHNZ_ENDPOINT")
+    assert Tracker("lehnz_pk_test")._config.endpoint == DEFAULT_INGEST_URL
+
+
+def test_a_capture_tracker_needs_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LEHNZ_API_KEY", raising=False)
+    assert Tracker(capture=True)._config.api_key.startswith("lehnz_pk_")

@@ -73,6 +73,7 @@ BAD_CALLS: list[tuple[dict[str, Any], str]] = [
     ({"user_id": "u", "event_name": "wishlist"}, "event_family"),
     ({"user_id": "u", "event_name": "view", "event_family": "fun"}, "event_family"),
     ({"user_id": "u", "event_name": "view", "event_family": ["x"]}, "event_family"),
+    ({"user_id": "u", "event_name": "view", "event_family": "System"}, "event_family"),
     ({"user_id": "u", "event_name": "view", "context": [1, 2]}, "context"),
     ({"user_id": "u", "event_name": "view", "context": "price=3"}, "context"),
     ({"user_id": "u", "event_name": "view", "item_id": 42}, "item_id"),
@@ -83,7 +84,7 @@ BAD_CALLS: list[tuple[dict[str, Any], str]] = [
 
 @pytest.mark.parametrize(("kwargs", "field"), BAD_CALLS)
 def test_track_raises_naming_the_field(kwargs: dict[str, Any], field: str) -> None:
-    tracker = Tracker("lehnz_pk_test")
+    tracker = Tracker(capture=True)
     user_id = kwargs.pop("user_id")
     event_name = kwargs.pop("event_name")
     with pytest.raises(InvalidEventError) as info:
@@ -95,11 +96,17 @@ def test_track_raises_naming_the_field(kwargs: dict[str, Any], field: str) -> No
 
 
 def test_identify_requires_previous_user_id() -> None:
-    tracker = Tracker("lehnz_pk_test")
-    with pytest.raises(InvalidEventError, match="previous_user_id"):
-        tracker.identify("usr_1", "")
-    tracker.identify("usr_1", "anon_7")
-    assert tracker.stats.tracked == 1
+    with Tracker(capture=True) as tracker:
+        with pytest.raises(InvalidEventError, match="previous_user_id"):
+            tracker.identify("usr_1", "")
+        with pytest.raises(InvalidEventError, match=r"identify\(") as info:
+            tracker.track("usr_1", "identify", event_family="system")
+        assert info.value.field == "event_name"
+        with pytest.raises(InvalidEventError, match=r"identify\("):
+            tracker.track("usr_1", "identify")
+        tracker.identify("usr_1", "anon_7")
+        tracker.track("usr_1", "heartbeat", event_family="system")  # other system events
+    assert tracker.stats.tracked == 2 and tracker.stats.delivered == 2
 
 
 def test_event_is_a_struct_with_the_wire_fields() -> None:
