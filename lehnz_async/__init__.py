@@ -11,11 +11,13 @@ from ._exceptions import (
     EncodeError,
     InvalidEventError,
     LehnzError,
+    RecommendationError,
     RejectedError,
     RetriesExhaustedError,
     ShutdownError,
     TrackerClosedError,
 )
+from ._recommend import Recommendation
 from ._stats import Stats
 from ._tracker import Tracker
 
@@ -29,6 +31,8 @@ __all__ = [
     "Event",
     "InvalidEventError",
     "LehnzError",
+    "Recommendation",
+    "RecommendationError",
     "RejectedError",
     "RetriesExhaustedError",
     "ShutdownError",

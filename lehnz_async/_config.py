@@ -38,6 +38,7 @@ DEFAULT_RETRY_MAX_DELAY = 10.0
 DEFAULT_CLOSE_TIMEOUT = 30.0
 DEFAULT_EXIT_TIMEOUT = 5.0
 DEFAULT_OVERFLOW = "drop_newest"
+DEFAULT_ATTRIBUTION_MAX_USERS = 10_000
 
 #: What track() does when max_queue_size events are waiting.
 OVERFLOW_POLICIES = ("drop_newest", "drop_oldest")
@@ -123,6 +124,8 @@ class Config:
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT
     overflow: str = DEFAULT_OVERFLOW
     spool_path: str | None = None
+    attribution_ttl: float | None = None
+    attribution_max_users: int = DEFAULT_ATTRIBUTION_MAX_USERS
     on_error: OnError | None = None
 
     def __post_init__(self) -> None:
@@ -138,6 +141,7 @@ class Config:
             "max_concurrent_requests",
             "max_queue_size",
             "max_attempts",
+            "attribution_max_users",
         ):
             _positive_int(name, getattr(self, name))
         for name in (
@@ -155,6 +159,8 @@ class Config:
                 f"max_queue_size ({self.max_queue_size}) must be at least "
                 f"max_batch_size ({self.max_batch_size})"
             )
+        if self.attribution_ttl is not None:
+            _positive_float("attribution_ttl", self.attribution_ttl)
         if self.overflow not in OVERFLOW_POLICIES:
             raise ConfigurationError(
                 f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {self.overflow!r} "

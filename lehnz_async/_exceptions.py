@@ -7,6 +7,7 @@
     ├── InvalidEventError (ValueError)    bad track() arguments, raised at the call site
     ├── TrackerClosedError                start() on a closed tracker
     ├── BlockingCallError (RuntimeError)  a call that would wait on a loop that cannot run it
+    ├── RecommendationError               recommend() got no usable answer
     └── DeliveryError                     events that could not be delivered; given to on_error
         ├── RejectedError                 the server refused them (400, 413, other 4xx)
         ├── AuthenticationError           the key was refused (401, 403)
@@ -60,6 +61,22 @@ class BlockingCallError(LehnzError, RuntimeError):
     tracker (it would wait forever), or any waiting call while the tracker's loop exists
     but is not running.
     """
+
+
+class RecommendationError(LehnzError):
+    """`Tracker.recommend()` got no usable answer from ``/recommend``.
+
+    Attributes:
+        status: The HTTP status, or None when there was no answer.
+        server_message: The server's error message, or None.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, server_message: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.server_message = server_message
 
 
 class DeliveryError(LehnzError):

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ from . import _batch, _runtime
 from ._config import (
     API_KEY_ENV,
     CAPTURE_API_KEY,
+    DEFAULT_ATTRIBUTION_MAX_USERS,
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_EXIT_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -51,14 +52,22 @@ from ._exceptions import (
     EncodeError,
     InvalidEventError,
     LehnzError,
+    RecommendationError,
     ShutdownError,
     TrackerClosedError,
 )
+from ._recommend import Attribution, Recommendation, recommendation_decoder, resolve_recommend_url
 from ._runtime import LoopThread
 from ._sender import Sender, new_idempotency_key
 from ._spool import Spool
 from ._stats import Ledger, Stats
-from ._transport import BatchTransport, CaptureTransport, Transport
+from ._transport import (
+    BatchTransport,
+    CaptureTransport,
+    Transport,
+    TransportFailure,
+    error_message,
+)
 
 logger = logging.getLogger("lehnz_async")
 
@@ -130,6 +139,14 @@ class Tracker:
         capture: Record batches in memory instead of sending them, for tests: see
             `captured` and `lehnz_async.testing.assert_tracked`. Everything but the HTTP
             runs for real; no key is needed.
+        recommend_endpoint: The ``/recommend`` URL for `recommend()`; None means the
+            documented one, or ``/recommend`` on the ingest host when ``endpoint`` is not
+            the documented URL (a local reference server).
+        attribution_ttl: Off by default. Seconds for which items returned by
+            `recommend()` are remembered per user: a later `track()` about such an item
+            without a ``recommendation_id`` gets that recommendation's id.
+        attribution_max_users: Most users remembered for attribution (least recently
+            used are forgotten first).
 
     Raises:
         ConfigurationError: a missing, secret or malformed key, or an unusable option.
@@ -157,6 +174,9 @@ class Tracker:
         spool_path: str | os.PathLike[str] | None = None,
         session: aiohttp.ClientSession | None = None,
         capture: bool = False,
+        recommend_endpoint: str | None = None,
+        attribution_ttl: float | None = None,
+        attribution_max_users: int = DEFAULT_ATTRIBUTION_MAX_USERS,
     ) -> None:
         if capture and api_key is None and not os.environ.get(API_KEY_ENV):
             api_key = CAPTURE_API_KEY
@@ -177,6 +197,8 @@ class Tracker:
             exit_timeout=exit_timeout,
             overflow=overflow,
             spool_path=None if spool_path is None else os.fspath(spool_path),
+            attribution_ttl=attribution_ttl,
+            attribution_max_users=attribution_max_users,
             on_error=on_error,
         )
         self._queue: deque[Event] = deque()
@@ -228,6 +250,13 @@ class Tracker:
         self._reported_kinds: set[tuple[type, int | None]] = set()
         self._last_drop_log = -_DROP_LOG_INTERVAL
         self._drops_since_log = 0
+        self._recommend_url = resolve_recommend_url(recommend_endpoint, config.endpoint)
+        self._attribution: Attribution | None = None
+        if config.attribution_ttl is not None:
+            self._attribution = Attribution(config.attribution_ttl, attribution_max_users)
+            # attribution only costs the trackers that turn it on: the plain track()
+            # stays as it is, this instance's is a wrapper that fills recommendation_id
+            setattr(self, "track", self._track_attributed)  # noqa: B010
         _runtime.register(self)
 
     # -- the hot path -------------------------------------------------------------------
@@ -290,6 +319,106 @@ class Tracker:
             self._append(event)
         else:
             self._enqueue_slow(event)
+
+    def _track_attributed(
+        self,
+        user_id: str,
+        event_name: str,
+        *,
+        item_id: str | None = None,
+        event_family: str | None = None,
+        session_id: str | None = None,
+        recommendation_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        if recommendation_id is None and item_id is not None and type(user_id) is str:
+            assert self._attribution is not None
+            recommendation_id = self._attribution.lookup(user_id, item_id)
+        Tracker.track(
+            self,
+            user_id,
+            event_name,
+            item_id=item_id,
+            event_family=event_family,
+            session_id=session_id,
+            recommendation_id=recommendation_id,
+            context=context,
+        )
+
+    def expose(
+        self,
+        user_id: str,
+        recommendation: Recommendation,
+        *,
+        item_ids: Sequence[str] | None = None,
+        session_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Queue one ``exposure`` event per item of ``recommendation`` that was shown.
+
+        Each carries the ``recommendation_id`` and its ``position`` (0-based) in the
+        answer in its context, merged over ``context``.
+
+        Args:
+            user_id: Who was shown the items.
+            recommendation: What `recommend()` returned.
+            item_ids: The items actually shown, if not all of them.
+            session_id: The browsing session.
+            context: Extra context for every exposure event (page, slot, ...).
+        """
+        shown = recommendation.all_item_ids if item_ids is None else item_ids
+        position = {item: i for i, item in enumerate(recommendation.all_item_ids)}
+        for item in shown:
+            self.track(
+                user_id,
+                "exposure",
+                event_family="exposure",
+                item_id=item,
+                session_id=session_id,
+                recommendation_id=recommendation.recommendation_id,
+                context={**(context or {}), "position": position.get(item)},
+            )
+
+    async def recommend(self, user_id: str, *, limit: int = 12, **params: Any) -> Recommendation:
+        """Ask ``/recommend`` for items for ``user_id`` (one request, no retry).
+
+        With ``attribution_ttl`` set, the answer's items are remembered for the user, so
+        that later events about them carry its ``recommendation_id``.
+
+        Args:
+            user_id: The user to recommend for.
+            limit: How many items to ask for.
+            **params: Further documented request fields, sent as they are.
+
+        Raises:
+            InvalidEventError: ``user_id`` or ``limit`` is unusable.
+            RecommendationError: no answer, a non-2xx answer, or an unreadable one.
+        """
+        if type(user_id) is not str or not user_id:
+            raise InvalidEventError("user_id", "must be a non-empty str")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidEventError("limit", f"must be a positive int, got {limit!r}")
+        body = msgspec.json.encode({**params, "user_id": user_id, "limit": limit})
+        result = await self._on_own_loop(lambda: self._recommend(body))
+        if self._attribution is not None:
+            self._attribution.remember(user_id, result)
+        return result
+
+    async def _recommend(self, body: bytes) -> Recommendation:
+        await self._transport.open()  # the flusher may not have opened it yet
+        try:
+            status, payload = await self._transport.call(self._recommend_url, body)
+        except TransportFailure as exc:
+            raise RecommendationError(f"/recommend did not answer: {exc}") from exc
+        if not 200 <= status < 300:
+            message = error_message(payload)
+            raise RecommendationError(
+                f"/recommend answered {status}: {message}", status=status, server_message=message
+            )
+        try:
+            return recommendation_decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise RecommendationError(f"/recommend answered something unreadable: {exc}") from exc
 
     def identify(
         self,

@@ -61,6 +61,8 @@ class BatchTransport(Protocol):
 
     async def post(self, body: bytes, idempotency_key: str) -> Response: ...
 
+    async def call(self, url: str, body: bytes) -> tuple[int, bytes]: ...
+
 
 class CaptureTransport:
     """Keeps batches in memory instead of sending them (``Tracker(capture=True)``).
@@ -89,6 +91,9 @@ class CaptureTransport:
         self.events.extend(self._decoder.decode(body))
         self.keys.append(idempotency_key)
         return Response(202, None, None)
+
+    async def call(self, url: str, body: bytes) -> tuple[int, bytes]:
+        raise TransportFailure("a capture tracker sends no requests")
 
 
 class Transport:
@@ -133,29 +138,38 @@ class Transport:
             await self._session.close()
         self._session = None
 
-    async def post(self, body: bytes, idempotency_key: str) -> Response:
-        """POST one encoded batch.
-
-        Raises:
-            TransportFailure: no HTTP answer (timeout, connection refused or dropped).
-        """
+    async def _post(
+        self, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, str | None]:
+        """POST; the status, body and Retry-After header. Maps aiohttp's errors, once."""
         assert self._session is not None, "Transport.open() was not awaited"
-        headers = {**self._headers, "Idempotency-Key": idempotency_key}
         try:
             async with self._session.post(
-                self._endpoint,
-                data=body,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
+                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as resp:
-                payload = await resp.read()
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
+                return resp.status, await resp.read(), resp.headers.get("Retry-After")
         except asyncio.TimeoutError as exc:
             raise TransportFailure(f"no answer within {self._timeout.total} s") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc
+
+    async def call(self, url: str, body: bytes) -> tuple[int, bytes]:
+        """POST a JSON body to another endpoint of the service (``/recommend``).
+
+        Raises:
+            TransportFailure: no HTTP answer.
+        """
+        status, payload, _ = await self._post(url, body, self._headers)
+        return status, payload
+
+    async def post(self, body: bytes, idempotency_key: str) -> Response:
+        """POST one encoded batch to the ingestion endpoint.
+
+        Raises:
+            TransportFailure: no HTTP answer (timeout, connection refused or dropped).
+        """
+        headers = {**self._headers, "Idempotency-Key": idempotency_key}
+        status, payload, retry_after = await self._post(self._endpoint, body, headers)
         if 200 <= status < 300:
             return Response(status, None, None)
         if 300 <= status < 400:
