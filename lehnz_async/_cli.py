@@ -124,6 +124,7 @@ async def _demo(n: int, seed: int) -> int:
         elapsed = time.perf_counter() - start
         bar.update(tracker.stats.delivered, final=True)
         received = len(server.events)
+        loop_lines, loop_ok = await _attribution_loop(server)
     s = tracker.stats
     for error in errors[:5]:
         _err(f"not delivered: {len(error.events)} event(s): {error}")
@@ -132,7 +133,29 @@ async def _demo(n: int, seed: int) -> int:
     print(f"the server holds {received} events")
     print(f"{n / elapsed:,.0f} events/s end to end ({n} events in {elapsed:.3f} s)")
     print(f"one track() call: {tracking / n * 1e6:.2f} µs")
-    return 0 if s.delivered == n and received == n else 1
+    for line in loop_lines:
+        print(line)
+    return 0 if s.delivered == n and received == n and loop_ok else 1
+
+
+async def _attribution_loop(server: ReferenceServer) -> tuple[list[str], bool]:
+    """Recommend, expose, click, purchase: and check the server saw them attributed."""
+    before = len(server.events)
+    async with Tracker(server.api_key, endpoint=server.url, attribution_ttl=600) as tracker:
+        rec = await tracker.recommend("usr_demo", limit=4)
+        tracker.expose("usr_demo", rec)
+        item = rec.all_item_ids[0]
+        tracker.track("usr_demo", "click", item_id=item)  # no recommendation_id passed
+        tracker.track("usr_demo", "purchase", item_id=item, context={"price": 49.99})
+    sent = server.events[before:]
+    attributed = [e for e in sent if e.get("recommendation_id") == rec.recommendation_id]
+    names = [e["event_name"] for e in attributed]
+    ok = names.count("exposure") == len(rec.all_item_ids) and "purchase" in names
+    return [
+        f"attribution loop: recommend -> {rec.recommendation_id} {rec.all_item_ids}; "
+        f"expose, click, purchase -> {len(attributed)} of {len(sent)} events carry it "
+        f"({', '.join(names)})"
+    ], ok
 
 
 def _send_line(tracker: Tracker, raw: bytes) -> str | None:

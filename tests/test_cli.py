@@ -89,6 +89,7 @@ def test_demo_delivers_every_event() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "delivered 3000 of 3000, failed 0, dropped 0" in done.stdout, done.stdout
+    assert "expose, click, purchase -> 6 of 6 events carry it" in done.stdout, done.stdout
     assert "the server holds 3000 events" in done.stdout
     assert re.search(r"^one track\(\) call: \d+\.\d\d µs$", done.stdout, re.M)
     assert "Traceback" not in done.stderr
