@@ -16,8 +16,6 @@ from lehnz_async.testing import ReferenceServer, assert_tracked
 
 from .conftest import assert_ledger
 
-pytest_plugins = ["pytester"]
-
 
 def user_ids(server: ReferenceServer) -> list[str]:
     return [e["user_id"] for e in server.events]
