@@ -21,7 +21,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 
-from . import _batch, _runtime
+from . import _runtime
 from ._config import (
     API_KEY_ENV,
     CAPTURE_API_KEY,
@@ -49,16 +49,15 @@ from ._exceptions import (
     AuthenticationError,
     BlockingCallError,
     DeliveryError,
-    EncodeError,
     InvalidEventError,
     LehnzError,
     RecommendationError,
     ShutdownError,
     TrackerClosedError,
 )
+from ._flusher import Flusher
 from ._recommend import Attribution, Recommendation, recommendation_decoder, resolve_recommend_url
 from ._runtime import LoopThread
-from ._sender import Sender, new_idempotency_key
 from ._spool import Spool
 from ._stats import Ledger, Stats
 from ._transport import (
@@ -72,7 +71,6 @@ from ._transport import (
 logger = logging.getLogger("lehnz_async")
 
 _DROP_LOG_INTERVAL = 10.0  # seconds between two warnings about a full queue
-_spool_decoder = msgspec.json.Decoder(list[Event])
 _T = TypeVar("_T")
 
 
@@ -219,33 +217,13 @@ class Tracker:
             session,
         )
         self._spool = None if config.spool_path is None else Spool(config.spool_path)
-        # spool rows to add (key, n events, body) and to remove (ids), not yet committed
-        self._spool_add: list[tuple[str, int, bytes]] = []
-        self._spool_remove: list[int] = []
-        self._sender = Sender(
-            self._transport,
-            self._ledger,
-            self._report,
-            self._give_up,
-            max_attempts=config.max_attempts,
-            max_retry_time=config.max_retry_time,
-            retry_base_delay=config.retry_base_delay,
-            retry_max_delay=config.retry_max_delay,
-        )
         self._lock = threading.RLock()  # start/stop, and counters touched off the loop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0  # threading.get_ident() of the loop's thread
         self._own_loop: LoopThread | None = None  # where no loop of the program runs
         self._replay_spool_at_start = True
         self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._room: asyncio.Event | None = None  # set when batches leave the queue
-        self._done: asyncio.Event | None = None
-        self._drain_requested = False
-        # first event sequence number of each batch not yet settled -> its size
-        self._unsettled: dict[int, list[Event]] = {}
-        # (sequence number, future): flush() calls waiting for all before it to settle
-        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flusher: Flusher | None = None  # the current run's, while started
         # kinds of failure already logged at WARNING/ERROR; later ones go to DEBUG
         self._reported_kinds: set[tuple[type, int | None]] = set()
         self._last_drop_log = -_DROP_LOG_INTERVAL
@@ -517,13 +495,13 @@ class Tracker:
         )
 
     def _wake_flusher(self) -> None:
-        wake, loop = self._wake, self._loop
-        if wake is None or loop is None:
+        flusher, loop = self._flusher, self._loop
+        if flusher is None or loop is None:
             return
         if threading.get_ident() == self._loop_thread:
-            wake.set()
+            flusher.wake.set()
         else:
-            loop.call_soon_threadsafe(wake.set)
+            loop.call_soon_threadsafe(flusher.wake.set)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -552,14 +530,42 @@ class Tracker:
             loop = asyncio.get_running_loop()
             self._loop = loop
             self._loop_thread = threading.get_ident()
-            self._wake = asyncio.Event()
-            self._done = asyncio.Event()
-            self._room = asyncio.Event()
+            self._flusher = flusher = Flusher(
+                self._config,
+                self._queue,
+                self._ledger,
+                self._transport,
+                self._spool,
+                self._replay_spool_at_start,
+                self._report,
+                self._reopen,
+            )
             self._state = _State.RUNNING
             self._threshold = self._config.max_batch_size
-            self._task = loop.create_task(self._run(), name="lehnz_async flusher")
+            self._task = loop.create_task(self._run(flusher), name="lehnz_async flusher")
             if self._queue:
-                self._wake.set()  # events tracked before the loop ran
+                flusher.wake.set()  # events tracked before the loop ran
+
+    def _reopen(self) -> None:
+        """The flusher drained: let track() wake it again when a batch is full."""
+        if self._state is _State.RUNNING:
+            self._threshold = self._config.max_batch_size
+
+    async def _run(self, flusher: Flusher) -> None:
+        try:
+            await flusher.run()
+        finally:
+            with self._lock:
+                if flusher.orphaned:
+                    logger.warning(
+                        "the event loop stopped the tracker without aclose(); %d event(s) "
+                        "kept for the exit hook or the next loop",
+                        len(self._queue),
+                    )
+                    self._reset(keep_queue=True)
+                else:
+                    self._state = _State.CLOSED
+                    self._threshold = 0
 
     async def _on_own_loop(self, fn: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         """Await ``fn()`` run on the tracker's loop, from whichever loop the caller is on."""
@@ -696,43 +702,23 @@ class Tracker:
             self._own_loop = None
 
     async def _flush(self) -> None:
-        target = self._ledger.taken + len(self._queue)
-        if self._state is _State.CLOSED or self._settled_before(target):
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._flush_waiters.append((target, future))
-        self._drain_requested = True
-        self._wake_flusher()
-        await future
+        if self._flusher is not None:
+            await self._flusher.flush()
 
     async def _wait_for_room(self) -> None:
-        limit = self._config.max_queue_size
-        while len(self._queue) >= limit and self._state is _State.RUNNING:
-            assert self._room is not None
-            self._room.clear()
-            self._wake_flusher()
-            await self._room.wait()
+        if self._flusher is not None:
+            await self._flusher.wait_for_room()
 
     async def _aclose(self, timeout: float | None) -> None:
         """aclose() on the tracker's loop."""
-        deadline = self._config.close_timeout if timeout is None else timeout
+        flusher, task = self._flusher, self._task
+        if flusher is None or task is None:  # closed meanwhile
+            return
         if self._state is _State.RUNNING:
             self._state = _State.CLOSING
             self._threshold = 0
-            self._wake_flusher()
-        if self._state is _State.CLOSED:
-            return
-        assert self._done is not None and self._task is not None
-        with anyio.move_on_after(deadline):
-            await self._done.wait()
-        if not self._done.is_set():
-            logger.warning(
-                "close deadline of %.1f s passed with %d event(s) unsettled",
-                deadline,
-                self._ledger.in_flight + len(self._queue),
-            )
-            self._task.cancel()
-            await self._done.wait()
+        deadline = self._config.close_timeout if timeout is None else timeout
+        await flusher.close(deadline, task)
 
     # -- exit and fork --------------------------------------------------------------------
 
@@ -775,229 +761,22 @@ class Tracker:
         batch whose answer was lost with the loop may be sent twice.
         """
         with self._lock:
-            for _, events in sorted(self._unsettled.items(), reverse=True):
-                self._queue.extendleft(reversed(events))
-                self._ledger.taken -= len(events)
-                self._ledger.in_flight -= len(events)
+            if self._flusher is not None:
+                self._flusher.requeue_unsettled()
             self._reset(keep_queue=True)
 
     def _reset(self, keep_queue: bool) -> None:
         """Back to NEW, not bound to any loop (that loop is gone, or in another process)."""
         if not keep_queue:
-            self._queue = deque()
-            self._append = self._queue.append
+            self._queue.clear()  # in a fork child: no other thread can be appending
             self._ledger = Ledger()
-            self._sender.ledger = self._ledger
         self._state = _State.NEW
         self._threshold = 0
         self._loop = None
         self._loop_thread = 0
         self._task = None
-        self._unsettled.clear()
-        self._flush_waiters = []
-        self._spool_add = []
-        self._spool_remove = []
+        self._flusher = None
         self._transport.forget_session()
-
-    # -- the flusher ----------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        assert self._done is not None
-        done = self._done
-        slots = anyio.Semaphore(self._config.max_concurrent_requests)
-        try:
-            await self._transport.open()
-            async with anyio.create_task_group() as tg:
-                if self._spool is not None and self._replay_spool_at_start:
-                    tg.start_soon(self._replay_spool, tg, slots)
-                await self._flush_loop(tg, slots)
-        finally:
-            # Cancelled while RUNNING: the loop is being torn down without aclose() (the
-            # in-flight events were put back in the queue by _give_up). Keep the queue and
-            # go back to NEW, for the exit hook or a later loop to send.
-            orphaned = self._state is _State.RUNNING
-            with anyio.CancelScope(shield=True):
-                if not orphaned:
-                    self._state = _State.CLOSED
-                    self._threshold = 0
-                    self._settle_leftovers()
-                await self._commit_spool()
-                await self._transport.close()
-            self._release_flush_waiters(all_=True)
-            if orphaned:
-                # batches whose delivery never started are still unsettled: keep them too
-                self._adopt()
-                logger.warning(
-                    "the event loop stopped the tracker without aclose(); %d event(s) kept "
-                    "for the exit hook or the next loop",
-                    len(self._queue),
-                )
-            done.set()
-
-    def _settle_leftovers(self) -> None:
-        """Spool or report what is still queued (the close deadline passed first)."""
-        if not self._queue:
-            return
-        if self._spool is None:
-            leftovers = list(self._queue)
-            self._queue.clear()
-            self._ledger.discarded += len(leftovers)
-            self._report(
-                ShutdownError("the tracker closed before these events were sent", leftovers)
-            )
-            return
-        while (cut := self._take_batch()) is not None:
-            self._give_up(
-                ShutdownError("the tracker closed before these events were sent", cut.events),
-                cut.body,
-                new_idempotency_key(),
-            )
-
-    async def _flush_loop(self, tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
-        assert self._wake is not None and self._room is not None
-        config = self._config
-        queue = self._queue
-        interval = config.flush_interval
-        next_tick = time.monotonic() + interval
-        while True:
-            closing = self._state is not _State.RUNNING
-            if len(queue) < config.max_batch_size and not self._drain_requested and not closing:
-                with anyio.move_on_after(next_tick - time.monotonic()):
-                    await self._wake.wait()
-            self._wake.clear()
-            now = time.monotonic()
-            drain = self._drain_requested or self._state is not _State.RUNNING
-            if now >= next_tick:
-                drain = True
-                next_tick = now + interval
-            self._drain_requested = False
-            while queue and (drain or len(queue) >= config.max_batch_size):
-                await slots.acquire()  # cut only when a slot is free: fuller batches
-                cut = self._take_batch()
-                if cut is None:
-                    slots.release()
-                    continue
-                self._room.set()
-                self._start_send(tg, slots, cut.events, cut.body)
-            self._release_flush_waiters()  # in case only unencodable events were taken
-            if self._state is _State.RUNNING:
-                self._threshold = config.max_batch_size
-            elif not queue:
-                return  # closing and drained; the task group waits for what is in flight
-
-    def _take_batch(self) -> _batch.Cut | None:
-        """Cut the next batch off the queue into the ledger; None once the queue is empty.
-
-        Events that cannot be encoded are reported here; the batch returned is not empty.
-        """
-        config = self._config
-        ledger = self._ledger
-        while cut := _batch.cut(self._queue, config.max_batch_size, config.max_batch_bytes):
-            ledger.taken += len(cut.events) + len(cut.unencodable)
-            ledger.in_flight += len(cut.events)
-            for event, reason in cut.unencodable:
-                self._report(EncodeError(f"the event could not be encoded: {reason}", [event]))
-            if cut.events:
-                return cut
-        return None
-
-    def _start_send(
-        self,
-        tg: anyio.abc.TaskGroup,
-        slots: anyio.Semaphore,
-        events: list[Event],
-        body: bytes,
-        key: str | None = None,
-        spool_id: int | None = None,
-    ) -> None:
-        """Send a batch already counted as taken and in flight, in a slot already held."""
-        seq = self._ledger.taken - len(events)
-        self._ledger.batches += 1
-        self._unsettled[seq] = events
-        tg.start_soon(self._send, seq, events, body, slots, key, spool_id)
-
-    async def _send(
-        self,
-        seq: int,
-        events: list[Event],
-        body: bytes,
-        slots: anyio.Semaphore,
-        key: str | None,
-        spool_id: int | None,
-    ) -> None:
-        try:
-            await self._sender.deliver(events, body, key)
-        finally:
-            slots.release()
-            del self._unsettled[seq]
-            if spool_id is not None:  # settled, or spooled anew under a new row
-                self._spool_remove.append(spool_id)
-            self._release_flush_waiters()
-        await self._commit_spool()
-
-    # -- the spool ------------------------------------------------------------------------
-
-    def _give_up(self, error: DeliveryError, body: bytes, key: str) -> None:
-        """Events out of time: spool them if there is a spool, else report them failed."""
-        n = len(error.events)
-        self._ledger.in_flight -= n
-        if isinstance(error, ShutdownError) and self._state is _State.RUNNING:
-            # cancelled by the loop's teardown, not by the close deadline: keep them
-            self._ledger.taken -= n
-            self._queue.extendleft(reversed(error.events))
-            return
-        if self._spool is None:
-            self._report(error)
-            return
-        self._ledger.spooled += n
-        self._spool_add.append((key, n, body))
-        logger.log(
-            logging.DEBUG if (Spool, None) in self._reported_kinds else logging.WARNING,
-            "%d event(s) spooled to %s (%s); they are re-sent when a tracker next starts",
-            n,
-            self._spool.path,
-            error,
-        )
-        self._reported_kinds.add((Spool, None))
-
-    async def _commit_spool(self) -> None:
-        if self._spool is None or not (self._spool_add or self._spool_remove):
-            return
-        add, self._spool_add = self._spool_add, []
-        remove, self._spool_remove = self._spool_remove, []
-        await anyio.to_thread.run_sync(self._spool.commit, add, remove)
-
-    async def _replay_spool(self, tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
-        """Re-send what an earlier tracker spooled, oldest first, then delete it."""
-        assert self._spool is not None
-        rows = await anyio.to_thread.run_sync(self._spool.load)
-        if rows:
-            logger.info("re-sending %d spooled batch(es) from %s", len(rows), self._spool.path)
-        for row in rows:
-            try:
-                events = _spool_decoder.decode(row.body)
-            except msgspec.DecodeError as exc:
-                logger.error("dropping unreadable spool row %d: %s", row.id, exc)
-                self._spool_remove.append(row.id)
-                continue
-            await slots.acquire()
-            self._ledger.taken += len(events)
-            self._ledger.in_flight += len(events)
-            self._start_send(tg, slots, events, row.body, row.idempotency_key, row.id)
-
-    def _settled_before(self, target: int) -> bool:
-        """Whether every event with a sequence number below ``target`` is settled."""
-        return self._ledger.taken >= target and all(seq >= target for seq in self._unsettled)
-
-    def _release_flush_waiters(self, all_: bool = False) -> None:
-        waiting = []
-        for target, future in self._flush_waiters:
-            if all_ or self._settled_before(target):
-                if not future.done():
-                    future.set_result(None)
-            else:
-                waiting.append((target, future))
-        self._flush_waiters = waiting
 
     # -- outcomes -------------------------------------------------------------------------
 

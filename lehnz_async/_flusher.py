@@ -1,0 +1,336 @@
+"""The flusher: cuts the queue into batches and sends them, for one run on one loop.
+
+A `Tracker` makes a `Flusher` when it starts on an event loop and runs `Flusher.run` as
+that loop's background task. The flusher waits on ``wake`` with the flush interval as
+timeout; ``track()`` sets ``wake`` only when a batch is full. Each wake-up cuts as many
+batches as the rule allows (full ones always; all that is queued at the interval, on
+flush() and at close), each only once a sending slot is free, so batches are as full as
+the backlog allows. Every event taken from the queue is in ``unsettled`` until its
+delivery settles it in the ledger, so that `flush()` knows what it waits for and a
+torn-down loop can hand back what it had in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import msgspec
+
+from . import _batch
+from ._config import Config
+from ._event import Event
+from ._exceptions import DeliveryError, EncodeError, ShutdownError
+from ._sender import Sender, new_idempotency_key
+from ._spool import Spool
+from ._stats import Ledger
+from ._transport import BatchTransport
+
+logger = logging.getLogger("lehnz_async")
+
+_spool_decoder = msgspec.json.Decoder(list[Event])
+
+
+class Flusher:
+    """Sends a tracker's queue, one run on one event loop.
+
+    Args:
+        config: The tracker's options.
+        queue: The tracker's queue (events are appended by track(), from any thread).
+        ledger: The tracker's counters.
+        transport: Where batches go.
+        spool: Where undeliverable batches go, if anywhere.
+        replay_spool: Whether this run re-sends what the spool holds first.
+        report: The tracker's failure reporter (counts, logs, calls on_error).
+        reopen: Called after each drain while running, so track() may wake us again.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        queue: deque[Event],
+        ledger: Ledger,
+        transport: BatchTransport,
+        spool: Spool | None,
+        replay_spool: bool,
+        report: Callable[[DeliveryError], None],
+        reopen: Callable[[], None],
+    ) -> None:
+        self._config = config
+        self._queue = queue
+        self._ledger = ledger
+        self._transport = transport
+        self._spool = spool
+        self._replay_spool = replay_spool and spool is not None
+        self._report = report
+        self._reopen = reopen
+        self._sender = Sender(
+            transport,
+            ledger,
+            report,
+            self._give_up,
+            max_attempts=config.max_attempts,
+            max_retry_time=config.max_retry_time,
+            retry_base_delay=config.retry_base_delay,
+            retry_max_delay=config.retry_max_delay,
+        )
+        #: set by track() when a batch is full, and by flush() and close()
+        self.wake = asyncio.Event()
+        #: set whenever batches leave the queue (atrack() waits on it)
+        self.room = asyncio.Event()
+        #: set when run() has finished, whichever way
+        self.done = asyncio.Event()
+        #: set by close(): drain everything, then stop
+        self.closing = False
+        #: after run(): whether the loop stopped it without close() (its events are back
+        #: in the queue)
+        self.orphaned = False
+        self._drain_requested = False
+        # sequence number of each batch's first event -> the batch's events, until settled
+        self._unsettled: dict[int, list[Event]] = {}
+        # (sequence number, future): flush() calls waiting for all below it to settle
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # spool rows to add (key, n events, body) and to remove (ids), not yet committed
+        self._spool_add: list[tuple[str, int, bytes]] = []
+        self._spool_remove: list[int] = []
+        self._spool_logged = False
+
+    # -- what the tracker calls -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """The background task: send until closed (or cancelled by the loop's teardown)."""
+        slots = anyio.Semaphore(self._config.max_concurrent_requests)
+        try:
+            await self._transport.open()
+            async with anyio.create_task_group() as tg:
+                if self._replay_spool:
+                    tg.start_soon(self._replay, tg, slots)
+                await self._flush_loop(tg, slots)
+        finally:
+            # Cancelled without close(): the loop is being torn down. Deliveries that were
+            # cancelled put their events back already (_give_up); put back those whose
+            # delivery never started too, for the exit hook or a later loop to send.
+            self.orphaned = not self.closing
+            with anyio.CancelScope(shield=True):
+                if self.orphaned:
+                    self.requeue_unsettled()
+                else:
+                    self._settle_leftovers()
+                await self._commit_spool()
+                await self._transport.close()
+            self._release_flush_waiters(all_=True)
+            self.done.set()
+
+    async def flush(self) -> None:
+        """Return once every event queued before the call is settled."""
+        target = self._ledger.taken + len(self._queue)
+        if self._settled_before(target):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, future))
+        self._drain_requested = True
+        self.wake.set()
+        await future
+
+    async def wait_for_room(self) -> None:
+        """Return once the queue is below ``max_queue_size`` (or the flusher stops)."""
+        limit = self._config.max_queue_size
+        while len(self._queue) >= limit and not self.closing and not self.done.is_set():
+            self.room.clear()
+            self.wake.set()
+            await self.room.wait()
+
+    async def close(self, deadline: float, task: asyncio.Task[None]) -> None:
+        """Drain and stop; at ``deadline`` seconds, cancel what is unsettled."""
+        self.closing = True
+        self.wake.set()
+        with anyio.move_on_after(deadline):
+            await self.done.wait()
+        if not self.done.is_set():
+            logger.warning(
+                "close deadline of %.1f s passed with %d event(s) unsettled",
+                deadline,
+                self._ledger.in_flight + len(self._queue),
+            )
+            task.cancel()
+            await self.done.wait()
+
+    def requeue_unsettled(self) -> None:
+        """Put every unsettled batch back at the front of the queue, in order.
+
+        At-least-once: a batch whose answer was lost with its loop may be sent twice.
+        """
+        for _, events in sorted(self._unsettled.items(), reverse=True):
+            self._queue.extendleft(reversed(events))
+            self._ledger.taken -= len(events)
+            self._ledger.in_flight -= len(events)
+        self._unsettled.clear()
+
+    # -- cutting and sending ------------------------------------------------------------
+
+    async def _flush_loop(self, tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
+        config = self._config
+        queue = self._queue
+        interval = config.flush_interval
+        next_tick = time.monotonic() + interval
+        while True:
+            idle = len(queue) < config.max_batch_size and not self._drain_requested
+            if idle and not self.closing:
+                with anyio.move_on_after(next_tick - time.monotonic()):
+                    await self.wake.wait()
+            self.wake.clear()
+            now = time.monotonic()
+            drain = self._drain_requested or self.closing
+            if now >= next_tick:
+                drain = True
+                next_tick = now + interval
+            self._drain_requested = False
+            while queue and (drain or len(queue) >= config.max_batch_size):
+                await slots.acquire()  # cut only when a slot is free: fuller batches
+                cut = self._take_batch()
+                if cut is None:
+                    slots.release()
+                    continue
+                self.room.set()
+                self._start_send(tg, slots, cut.events, cut.body)
+            self._release_flush_waiters()  # in case only unencodable events were taken
+            if not self.closing:
+                self._reopen()
+            elif not queue:
+                return  # closing and drained; the task group waits for what is in flight
+
+    def _take_batch(self) -> _batch.Cut | None:
+        """Cut the next batch off the queue into the ledger; None once the queue is empty.
+
+        Events that cannot be encoded are reported here; the batch returned is not empty.
+        """
+        config = self._config
+        ledger = self._ledger
+        while cut := _batch.cut(self._queue, config.max_batch_size, config.max_batch_bytes):
+            ledger.taken += len(cut.events) + len(cut.unencodable)
+            ledger.in_flight += len(cut.events)
+            for event, reason in cut.unencodable:
+                self._report(EncodeError(f"the event could not be encoded: {reason}", [event]))
+            if cut.events:
+                return cut
+        return None
+
+    def _start_send(
+        self,
+        tg: anyio.abc.TaskGroup,
+        slots: anyio.Semaphore,
+        events: list[Event],
+        body: bytes,
+        key: str | None = None,
+        spool_id: int | None = None,
+    ) -> None:
+        """Send a batch already counted as taken and in flight, in a slot already held."""
+        seq = self._ledger.taken - len(events)
+        self._ledger.batches += 1
+        self._unsettled[seq] = events
+        tg.start_soon(self._send, seq, events, body, slots, key, spool_id)
+
+    async def _send(
+        self,
+        seq: int,
+        events: list[Event],
+        body: bytes,
+        slots: anyio.Semaphore,
+        key: str | None,
+        spool_id: int | None,
+    ) -> None:
+        try:
+            await self._sender.deliver(events, body, key)
+        finally:
+            slots.release()
+            del self._unsettled[seq]
+            if spool_id is not None:  # settled, or spooled anew under a new row
+                self._spool_remove.append(spool_id)
+            self._release_flush_waiters()
+        await self._commit_spool()
+
+    def _settle_leftovers(self) -> None:
+        """Spool or report what is still queued (the close deadline passed first)."""
+        if not self._queue:
+            return
+        message = "the tracker closed before these events were sent"
+        if self._spool is None:
+            leftovers = list(self._queue)
+            self._queue.clear()
+            self._ledger.discarded += len(leftovers)
+            self._report(ShutdownError(message, leftovers))
+            return
+        while (cut := self._take_batch()) is not None:
+            self._give_up(ShutdownError(message, cut.events), cut.body, new_idempotency_key())
+
+    # -- flush() bookkeeping -------------------------------------------------------------
+
+    def _settled_before(self, target: int) -> bool:
+        """Whether every event with a sequence number below ``target`` is settled."""
+        return self._ledger.taken >= target and all(seq >= target for seq in self._unsettled)
+
+    def _release_flush_waiters(self, all_: bool = False) -> None:
+        waiting = []
+        for target, future in self._flush_waiters:
+            if all_ or self._settled_before(target):
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((target, future))
+        self._flush_waiters = waiting
+
+    # -- the spool ------------------------------------------------------------------------
+
+    def _give_up(self, error: DeliveryError, body: bytes, key: str) -> None:
+        """Events out of time: spool them if there is a spool, else report them failed."""
+        n = len(error.events)
+        self._ledger.in_flight -= n
+        if isinstance(error, ShutdownError) and not self.closing:
+            # cancelled by the loop's teardown, not by the close deadline: keep them
+            self._ledger.taken -= n
+            self._queue.extendleft(reversed(error.events))
+            return
+        if self._spool is None:
+            self._report(error)
+            return
+        self._ledger.spooled += n
+        self._spool_add.append((key, n, body))
+        logger.log(
+            logging.DEBUG if self._spool_logged else logging.WARNING,
+            "%d event(s) spooled to %s (%s); they are re-sent when a tracker next starts",
+            n,
+            self._spool.path,
+            error,
+        )
+        self._spool_logged = True
+
+    async def _commit_spool(self) -> None:
+        if self._spool is None or not (self._spool_add or self._spool_remove):
+            return
+        add, self._spool_add = self._spool_add, []
+        remove, self._spool_remove = self._spool_remove, []
+        await anyio.to_thread.run_sync(self._spool.commit, add, remove)
+
+    async def _replay(self, tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
+        """Re-send what an earlier tracker spooled, oldest first, then delete it."""
+        assert self._spool is not None
+        rows = await anyio.to_thread.run_sync(self._spool.load)
+        if rows:
+            logger.info("re-sending %d spooled batch(es) from %s", len(rows), self._spool.path)
+        for row in rows:
+            try:
+                events = _spool_decoder.decode(row.body)
+            except msgspec.DecodeError as exc:
+                logger.error("dropping unreadable spool row %d: %s", row.id, exc)
+                self._spool_remove.append(row.id)
+                continue
+            await slots.acquire()
+            self._ledger.taken += len(events)
+            self._ledger.in_flight += len(events)
+            self._start_send(tg, slots, events, row.body, row.idempotency_key, row.id)
