@@ -3,7 +3,8 @@
 ::
 
     LehnzError
-    ├── ConfigurationError (ValueError)   bad options or key, raised when the Tracker is made
+    ├── ConfigurationError (ValueError)   bad options or key (when the Tracker is made), or a
+    │                                     tracker missing where asgi.get_tracker looks
     ├── InvalidEventError (ValueError)    bad track() arguments, raised at the call site
     ├── TrackerClosedError                start() on a closed tracker
     ├── BlockingCallError (RuntimeError)  a call that would wait on a loop that cannot run it
@@ -35,7 +36,8 @@ class LehnzError(Exception):
 
 
 class ConfigurationError(LehnzError, ValueError):
-    """An option or the API key is unusable; raised when the `Tracker` is made."""
+    """An option or the API key is unusable (raised when the `Tracker` is made), or the
+    ASGI integration is not set up (raised by `lehnz_async.asgi.get_tracker`)."""
 
 
 class InvalidEventError(LehnzError, ValueError):

@@ -46,7 +46,7 @@ async def test_soak_under_mixed_faults_loses_nothing(
             (0.03, Fault(delay=1.0, process=True)),  # stored, answer too late
         ],
     )
-    tracker = make_tracker(request_timeout=0.5, max_attempts=30)
+    tracker = make_tracker(request_timeout=0.5, max_attempts=30, close_timeout=60)
     started = time.monotonic()
     async with tracker:
         track_many(tracker, n)

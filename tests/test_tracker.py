@@ -150,8 +150,8 @@ async def test_lazy_start_on_first_track_in_a_running_loop(
     tracker = make_tracker(flush_interval=0.05)
     tracker.track("usr_1", "view")  # no start(), no async with, no flush()
     await server.wait_for_events(1, timeout=5)
-    assert tracker.stats.delivered == 1
     await tracker.aclose()
+    assert tracker.stats.delivered == 1
 
 
 def test_events_tracked_before_any_loop_runs_are_sent(threaded_server: ReferenceServer) -> None:
