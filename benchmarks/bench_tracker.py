@@ -107,19 +107,20 @@ class Sink:
         self.ingest_url = base_url + INGEST_PATH
         self._session = session
 
-    async def counts(self) -> dict[str, float]:
+    async def counts(self) -> dict[str, Any]:
         """The sink's counters (see sink.Counts), and the CPU seconds it has used."""
         async with self._session.get(self.base_url + "/count") as resp:
             resp.raise_for_status()
-            counts: dict[str, float] = await resp.json()
+            counts: dict[str, Any] = await resp.json()
             return counts
 
     async def reset(self) -> float:
         """Zero the counters; return the CPU seconds the sink has used so far."""
         async with self._session.post(self.base_url + "/reset") as resp:
             resp.raise_for_status()
-            counts: dict[str, float] = await resp.json()
-            return counts["cpu_seconds"]
+            counts: dict[str, Any] = await resp.json()
+            cpu_seconds: float = counts["cpu_seconds"]
+            return cpu_seconds
 
 
 @contextlib.asynccontextmanager
