@@ -9,6 +9,7 @@ Events msgspec cannot encode are taken out and returned separately, so that one 
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat, starmap
 from typing import NamedTuple
 
 from ._event import Event, encoder
@@ -56,8 +57,8 @@ def cut(queue: deque[Event], max_events: int, max_bytes: int) -> Cut | None:
     n = min(len(queue), max_events)
     if n == 0:
         return None
-    popleft = queue.popleft
-    events = [popleft() for _ in range(n)]
+    # popleft() n times, from C: safe against appends from other threads meanwhile
+    events = list(starmap(queue.popleft, repeat((), n)))
     events, body, unencodable = encode(events)
     while len(body) > max_bytes and len(events) > 1:
         # Keep the share that should fit, judging by the average event size, and try again.

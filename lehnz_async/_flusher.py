@@ -105,7 +105,7 @@ class Flusher:
 
     async def run(self) -> None:
         """The background task: send until closed (or cancelled by the loop's teardown)."""
-        slots = anyio.Semaphore(self._config.max_concurrent_requests)
+        slots = asyncio.Semaphore(self._config.max_concurrent_requests)
         try:
             await self._transport.open()
             async with anyio.create_task_group() as tg:
@@ -174,7 +174,7 @@ class Flusher:
 
     # -- cutting and sending ------------------------------------------------------------
 
-    async def _flush_loop(self, tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
+    async def _flush_loop(self, tg: anyio.abc.TaskGroup, slots: asyncio.Semaphore) -> None:
         config = self._config
         queue = self._queue
         interval = config.flush_interval
@@ -224,7 +224,7 @@ class Flusher:
     def _start_send(
         self,
         tg: anyio.abc.TaskGroup,
-        slots: anyio.Semaphore,
+        slots: asyncio.Semaphore,
         events: list[Event],
         body: bytes,
         key: str | None = None,
@@ -241,7 +241,7 @@ class Flusher:
         seq: int,
         events: list[Event],
         body: bytes,
-        slots: anyio.Semaphore,
+        slots: asyncio.Semaphore,
         key: str | None,
         spool_id: int | None,
     ) -> None:
@@ -317,7 +317,7 @@ class Flusher:
         remove, self._spool_remove = self._spool_remove, []
         await anyio.to_thread.run_sync(self._spool.commit, add, remove)
 
-    async def _replay(self, tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
+    async def _replay(self, tg: anyio.abc.TaskGroup, slots: asyncio.Semaphore) -> None:
         """Re-send what an earlier tracker spooled, oldest first, then delete it."""
         assert self._spool is not None
         rows = await anyio.to_thread.run_sync(self._spool.load)

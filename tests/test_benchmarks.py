@@ -197,7 +197,8 @@ def test_sink_counts_header_bytes_exactly(sink_url: str) -> None:
 def test_peer_driver_delivers_through_the_sink(
     sink_url: str, driver: str, module: str, path: str
 ) -> None:
-    if importlib.util.find_spec(module) is None:
+    # find_spec("segment.analytics") imports "segment" first, and raises without it
+    if importlib.util.find_spec(module.split(".")[0]) is None:
         pytest.skip(f"{module} is not installed (pip install -r benchmarks/requirements.txt)")
     proc = _run(str(DRIVERS), driver, "--sink", sink_url, "--events", "300", "--warmup", "50")
     assert proc.returncode == 0, proc.stderr
