@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 import anyio
 import anyio.abc
@@ -35,6 +36,18 @@ from ._transport import BatchTransport
 logger = logging.getLogger("lehnz_async")
 
 _spool_decoder = msgspec.json.Decoder(list[Event])
+_UNSENT = "the tracker closed before these events were sent"
+
+
+class _Batch(NamedTuple):
+    """A batch handed to a worker."""
+
+    events: list[Event]
+    body: bytes
+    #: its Idempotency-Key, the same on every retry and re-send from the spool
+    key: str
+    #: the spool row it was re-sent from, if any
+    spool_id: int | None
 
 
 class Flusher:
@@ -92,8 +105,12 @@ class Flusher:
         #: in the queue)
         self.orphaned = False
         self._drain_requested = False
-        # sequence number of each batch's first event -> the batch's events, until settled
-        self._unsettled: dict[int, list[Event]] = {}
+        # sequence number of each batch's first event -> the batch, until settled
+        self._unsettled: dict[int, _Batch] = {}
+        # batches handed to the workers, (sequence number, batch); None tells one to stop
+        self._outbox: asyncio.Queue[tuple[int, _Batch] | None] = asyncio.Queue()
+        self._replayed = asyncio.Event()  # the spool replay has handed everything over
+        self._replayed.set()
         # (sequence number, future): flush() calls waiting for all below it to settle
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # spool rows to add (key, n events, body) and to remove (ids), not yet committed
@@ -104,23 +121,35 @@ class Flusher:
     # -- what the tracker calls -----------------------------------------------------------
 
     async def run(self) -> None:
-        """The background task: send until closed (or cancelled by the loop's teardown)."""
-        slots = asyncio.Semaphore(self._config.max_concurrent_requests)
+        """The background task: send until closed (or cancelled by the loop's teardown).
+
+        ``max_concurrent_requests`` sender tasks live as long as the run and take batches
+        from ``_outbox``; the flush loop cuts a batch only once one of them is free.
+        """
+        workers = self._config.max_concurrent_requests
+        slots = asyncio.Semaphore(workers)
         try:
             await self._transport.open()
             async with anyio.create_task_group() as tg:
+                for _ in range(workers):
+                    tg.start_soon(self._worker, slots)
                 if self._replay_spool:
-                    tg.start_soon(self._replay, tg, slots)
-                await self._flush_loop(tg, slots)
+                    await tg.start(self._replay, slots)
+                await self._flush_loop(slots)
+                await self._replayed.wait()
+                for _ in range(workers):
+                    self._outbox.put_nowait(None)  # each worker stops after what it has
         finally:
             # Cancelled without close(): the loop is being torn down. Deliveries that were
             # cancelled put their events back already (_give_up); put back those whose
             # delivery never started too, for the exit hook or a later loop to send.
+            # Cancelled at the close deadline: give those up (spool or report).
             self.orphaned = not self.closing
             with anyio.CancelScope(shield=True):
                 if self.orphaned:
                     self.requeue_unsettled()
                 else:
+                    self._give_up_unsettled()
                     self._settle_leftovers()
                 await self._commit_spool()
                 await self._transport.close()
@@ -166,15 +195,23 @@ class Flusher:
 
         At-least-once: a batch whose answer was lost with its loop may be sent twice.
         """
-        for _, events in sorted(self._unsettled.items(), reverse=True):
-            self._queue.extendleft(reversed(events))
-            self._ledger.taken -= len(events)
-            self._ledger.in_flight -= len(events)
+        for _, batch in sorted(self._unsettled.items(), reverse=True):
+            self._queue.extendleft(reversed(batch.events))
+            self._ledger.taken -= len(batch.events)
+            self._ledger.in_flight -= len(batch.events)
+        self._unsettled.clear()
+
+    def _give_up_unsettled(self) -> None:
+        """At the close deadline: batches no sender had started on are given up too."""
+        for batch in self._unsettled.values():
+            self._give_up(ShutdownError(_UNSENT, batch.events), batch.body, batch.key)
+            if batch.spool_id is not None:
+                self._spool_remove.append(batch.spool_id)
         self._unsettled.clear()
 
     # -- cutting and sending ------------------------------------------------------------
 
-    async def _flush_loop(self, tg: anyio.abc.TaskGroup, slots: asyncio.Semaphore) -> None:
+    async def _flush_loop(self, slots: asyncio.Semaphore) -> None:
         config = self._config
         queue = self._queue
         interval = config.flush_interval
@@ -198,12 +235,12 @@ class Flusher:
                     slots.release()
                     continue
                 self.room.set()
-                self._start_send(tg, slots, cut.events, cut.body)
+                self._hand_over(cut.events, cut.body, new_idempotency_key())
             self._release_flush_waiters()  # in case only unencodable events were taken
             if not self.closing:
                 self._reopen()
             elif not queue:
-                return  # closing and drained; the task group waits for what is in flight
+                return  # closing and drained; the workers finish what is handed over
 
     def _take_batch(self) -> _batch.Cut | None:
         """Cut the next batch off the queue into the ledger; None once the queue is empty.
@@ -221,53 +258,42 @@ class Flusher:
                 return cut
         return None
 
-    def _start_send(
-        self,
-        tg: anyio.abc.TaskGroup,
-        slots: asyncio.Semaphore,
-        events: list[Event],
-        body: bytes,
-        key: str | None = None,
-        spool_id: int | None = None,
+    def _hand_over(
+        self, events: list[Event], body: bytes, key: str, spool_id: int | None = None
     ) -> None:
-        """Send a batch already counted as taken and in flight, in a slot already held."""
+        """Give a worker a batch already counted as taken and in flight, in a held slot."""
         seq = self._ledger.taken - len(events)
         self._ledger.batches += 1
-        self._unsettled[seq] = events
-        tg.start_soon(self._send, seq, events, body, slots, key, spool_id)
+        batch = _Batch(events, body, key, spool_id)
+        self._unsettled[seq] = batch
+        self._outbox.put_nowait((seq, batch))
 
-    async def _send(
-        self,
-        seq: int,
-        events: list[Event],
-        body: bytes,
-        slots: asyncio.Semaphore,
-        key: str | None,
-        spool_id: int | None,
-    ) -> None:
-        try:
-            await self._sender.deliver(events, body, key)
-        finally:
-            slots.release()
-            del self._unsettled[seq]
-            if spool_id is not None:  # settled, or spooled anew under a new row
-                self._spool_remove.append(spool_id)
-            self._release_flush_waiters()
-        await self._commit_spool()
+    async def _worker(self, slots: asyncio.Semaphore) -> None:
+        """Deliver batches from the outbox, one at a time, until handed None."""
+        while (item := await self._outbox.get()) is not None:
+            seq, batch = item
+            try:
+                await self._sender.deliver(batch.events, batch.body, batch.key)
+            finally:
+                slots.release()
+                del self._unsettled[seq]
+                if batch.spool_id is not None:  # settled, or spooled anew under a new row
+                    self._spool_remove.append(batch.spool_id)
+                self._release_flush_waiters()
+            await self._commit_spool()
 
     def _settle_leftovers(self) -> None:
         """Spool or report what is still queued (the close deadline passed first)."""
         if not self._queue:
             return
-        message = "the tracker closed before these events were sent"
         if self._spool is None:
             leftovers = list(self._queue)
             self._queue.clear()
             self._ledger.discarded += len(leftovers)
-            self._report(ShutdownError(message, leftovers))
+            self._report(ShutdownError(_UNSENT, leftovers))
             return
         while (cut := self._take_batch()) is not None:
-            self._give_up(ShutdownError(message, cut.events), cut.body, new_idempotency_key())
+            self._give_up(ShutdownError(_UNSENT, cut.events), cut.body, new_idempotency_key())
 
     # -- flush() bookkeeping -------------------------------------------------------------
 
@@ -317,8 +343,22 @@ class Flusher:
         remove, self._spool_remove = self._spool_remove, []
         await anyio.to_thread.run_sync(self._spool.commit, add, remove)
 
-    async def _replay(self, tg: anyio.abc.TaskGroup, slots: asyncio.Semaphore) -> None:
+    async def _replay(
+        self,
+        slots: asyncio.Semaphore,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Re-send what an earlier tracker spooled, oldest first, then delete it."""
+        assert self._spool is not None
+        self._replayed.clear()
+        task_status.started()
+        try:
+            await self._replay_rows(slots)
+        finally:
+            self._replayed.set()
+
+    async def _replay_rows(self, slots: asyncio.Semaphore) -> None:
         assert self._spool is not None
         rows = await anyio.to_thread.run_sync(self._spool.load)
         if rows:
@@ -333,4 +373,4 @@ class Flusher:
             await slots.acquire()
             self._ledger.taken += len(events)
             self._ledger.in_flight += len(events)
-            self._start_send(tg, slots, events, row.body, row.idempotency_key, row.id)
+            self._hand_over(events, row.body, row.idempotency_key, row.id)
