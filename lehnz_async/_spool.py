@@ -14,9 +14,11 @@ twice).
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import sqlite3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -49,6 +51,8 @@ class Spool:
         self.path = os.fspath(path)
 
     def _connect(self) -> sqlite3.Connection:
+        import sqlite3  # here, not at the top: 1 MB of RSS that trackers without a spool skip
+
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
