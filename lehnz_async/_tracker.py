@@ -499,10 +499,18 @@ class Tracker:
         flusher, loop = self._flusher, self._loop
         if flusher is None or loop is None:
             return
-        if threading.get_ident() == self._loop_thread:
-            flusher.wake.set()
-        else:
-            loop.call_soon_threadsafe(flusher.wake.set)
+        try:
+            if threading.get_ident() == self._loop_thread:
+                flusher.wake.set()
+            else:
+                loop.call_soon_threadsafe(flusher.wake.set)
+        except RuntimeError:
+            if not loop.is_closed():
+                raise
+            # closed without being torn down (its tasks never cancelled): it will never
+            # send; move what it held to a loop that runs, and never raise into track()
+            self._adopt()
+            self._ensure_started()
 
     # -- lifecycle ------------------------------------------------------------------------
 

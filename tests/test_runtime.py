@@ -220,3 +220,21 @@ def test_the_pytest_plugin_gives_a_server_a_tracker_and_a_capture(
     )
     result = pytester.runpytest_subprocess("-p", "anyio")
     result.assert_outcomes(passed=2)
+
+
+def test_a_loop_closed_without_teardown_does_not_break_track(
+    threaded_server: ReferenceServer,
+) -> None:
+    tracker = Tracker(threaded_server.api_key, endpoint=threaded_server.url, flush_interval=60)
+
+    async def first_use() -> None:
+        tracker.track("usr_0", "view")  # starts the tracker on this loop
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(first_use())
+    loop.close()  # closed, its tasks never cancelled: the tracker cannot know
+    for i in range(1, 1_200):  # crosses a full batch: the wake-up finds the loop closed
+        tracker.track(f"usr_{i}", "view")
+    tracker.close()
+    assert sorted(user_ids(threaded_server)) == sorted(f"usr_{i}" for i in range(1_200))
+    assert_ledger(tracker.stats)
