@@ -29,7 +29,7 @@ from ._config import Config
 from ._event import Event
 from ._exceptions import DeliveryError, EncodeError, ShutdownError
 from ._sender import Sender, new_idempotency_key
-from ._spool import Spool
+from ._spool import Spool, SpooledBatch
 from ._stats import Ledger
 from ._transport import BatchTransport
 
@@ -130,11 +130,13 @@ class Flusher:
         slots = asyncio.Semaphore(workers)
         try:
             await self._transport.open()
+            # read the spool before anything of this run can be written to it
+            spooled = await self._load_spool() if self._replay_spool else []
             async with anyio.create_task_group() as tg:
                 for _ in range(workers):
                     tg.start_soon(self._worker, slots)
-                if self._replay_spool:
-                    await tg.start(self._replay, slots)
+                if spooled:
+                    await tg.start(self._replay, slots, spooled)
                 await self._flush_loop(slots)
                 await self._replayed.wait()
                 for _ in range(workers):
@@ -343,26 +345,29 @@ class Flusher:
         remove, self._spool_remove = self._spool_remove, []
         await anyio.to_thread.run_sync(self._spool.commit, add, remove)
 
-    async def _replay(
-        self,
-        slots: asyncio.Semaphore,
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Re-send what an earlier tracker spooled, oldest first, then delete it."""
-        assert self._spool is not None
-        self._replayed.clear()
-        task_status.started()
-        try:
-            await self._replay_rows(slots)
-        finally:
-            self._replayed.set()
-
-    async def _replay_rows(self, slots: asyncio.Semaphore) -> None:
+    async def _load_spool(self) -> list[SpooledBatch]:
         assert self._spool is not None
         rows = await anyio.to_thread.run_sync(self._spool.load)
         if rows:
             logger.info("re-sending %d spooled batch(es) from %s", len(rows), self._spool.path)
+        return rows
+
+    async def _replay(
+        self,
+        slots: asyncio.Semaphore,
+        rows: list[SpooledBatch],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Re-send what an earlier tracker spooled, oldest first, then delete it."""
+        self._replayed.clear()
+        task_status.started()
+        try:
+            await self._replay_rows(slots, rows)
+        finally:
+            self._replayed.set()
+
+    async def _replay_rows(self, slots: asyncio.Semaphore, rows: list[SpooledBatch]) -> None:
         for row in rows:
             try:
                 events = _spool_decoder.decode(row.body)

@@ -514,13 +514,16 @@ class Tracker:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def _ensure_started(self) -> None:
+    def _ensure_started(self, own_thread: bool = False) -> None:
         """Start the flusher if it is not running: on this thread's running loop, or, where
-        no loop runs, on a loop of the tracker's own in a background thread. Any thread."""
+        no loop runs (or ``own_thread``), on a loop of the tracker's own in a background
+        thread. Any thread."""
         with self._lock:
             if self._state is not _State.NEW:
                 return
             try:
+                if own_thread:
+                    raise RuntimeError("use a thread of our own")
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 self._own_loop = LoopThread()
@@ -566,12 +569,18 @@ class Tracker:
         finally:
             with self._lock:
                 if flusher.orphaned:
-                    logger.warning(
-                        "the event loop stopped the tracker without aclose(); %d event(s) "
-                        "kept for the exit hook or the next loop",
-                        len(self._queue),
-                    )
                     self._reset(keep_queue=True)
+                    if self._queue:
+                        # Carry on in a thread of our own now, while threads can still be
+                        # started: Python 3.12+ refuses new threads once the interpreter
+                        # is shutting down, when the exit hook runs.
+                        logger.warning(
+                            "the event loop stopped the tracker without aclose(); its %d "
+                            "event(s) go on in a background thread (close the tracker, or "
+                            "use asgi.lifespan, to flush on your own terms)",
+                            len(self._queue),
+                        )
+                        self._ensure_started(own_thread=True)
                 else:
                     self._state = _State.CLOSED
                     self._threshold = 0
@@ -744,7 +753,26 @@ class Tracker:
             len(self._queue) + self._ledger.in_flight,
             self._config.exit_timeout,
         )
-        self.close(timeout=self._config.exit_timeout)
+        try:
+            self.close(timeout=self._config.exit_timeout)
+        except RuntimeError as exc:  # no thread can start at shutdown (Python 3.12+)
+            self._fail_at_exit(str(exc))
+
+    def _fail_at_exit(self, why: str) -> None:
+        """Nothing can be sent any more: report what is left, never lose it silently."""
+        leftovers = list(self._queue)
+        self._queue.clear()
+        if leftovers:
+            with self._lock:
+                self._ledger.discarded += len(leftovers)
+            self._report(
+                ShutdownError(
+                    f"the interpreter exited with these events unsent and no way left to "
+                    f"send them ({why}); close the tracker before exiting",
+                    leftovers,
+                )
+            )
+        self._state = _State.CLOSED
 
     def _reset_after_fork(self) -> None:
         """In a forked child: start empty; the parent sends what it had queued."""
