@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import anyio
@@ -109,6 +110,8 @@ class Flusher:
         self._unsettled: dict[int, _Batch] = {}
         # batches handed to the workers, (sequence number, batch); None tells one to stop
         self._outbox: asyncio.Queue[tuple[int, _Batch] | None] = asyncio.Queue()
+        self._workers = 0  # sender tasks started so far
+        self._start_worker: Callable[[], object] = lambda: None  # set in run()
         self._replayed = asyncio.Event()  # the spool replay has handed everything over
         self._replayed.set()
         # (sequence number, future): flush() calls waiting for all below it to settle
@@ -123,23 +126,22 @@ class Flusher:
     async def run(self) -> None:
         """The background task: send until closed (or cancelled by the loop's teardown).
 
-        ``max_concurrent_requests`` sender tasks live as long as the run and take batches
-        from ``_outbox``; the flush loop cuts a batch only once one of them is free.
+        Up to ``max_concurrent_requests`` sender tasks, started as the first batches are
+        handed over, live as long as the run and take batches from ``_outbox``; the flush
+        loop cuts a batch only once one of them is free.
         """
-        workers = self._config.max_concurrent_requests
-        slots = asyncio.Semaphore(workers)
+        slots = asyncio.Semaphore(self._config.max_concurrent_requests)
         try:
             await self._transport.open()
             # read the spool before anything of this run can be written to it
             spooled = await self._load_spool() if self._replay_spool else []
             async with anyio.create_task_group() as tg:
-                for _ in range(workers):
-                    tg.start_soon(self._worker, slots)
+                self._start_worker = partial(tg.start_soon, self._worker, slots)
                 if spooled:
                     await tg.start(self._replay, slots, spooled)
                 await self._flush_loop(slots)
                 await self._replayed.wait()
-                for _ in range(workers):
+                for _ in range(self._workers):
                     self._outbox.put_nowait(None)  # each worker stops after what it has
         finally:
             # Cancelled without close(): the loop is being torn down. Deliveries that were
@@ -269,6 +271,10 @@ class Flusher:
         batch = _Batch(events, body, key, spool_id)
         self._unsettled[seq] = batch
         self._outbox.put_nowait((seq, batch))
+        if self._workers < self._config.max_concurrent_requests:
+            # lazily: a run torn down before its first batch leaves no task unstarted
+            self._workers += 1
+            self._start_worker()
 
     async def _worker(self, slots: asyncio.Semaphore) -> None:
         """Deliver batches from the outbox, one at a time, until handed None."""
