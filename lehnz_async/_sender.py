@@ -15,12 +15,10 @@ from collections.abc import Callable
 
 import anyio
 
-from ._batch import encode
-from ._event import Event
+from ._event import Event, encoder
 from ._exceptions import (
     AuthenticationError,
     DeliveryError,
-    EncodeError,
     RejectedError,
     RetriesExhaustedError,
     ShutdownError,
@@ -77,7 +75,7 @@ class Sender:
         retry_max_delay: float,
     ) -> None:
         self._transport = transport
-        self.ledger = ledger
+        self._ledger = ledger
         self._report = report
         self._give_up = give_up
         self._max_attempts = max_attempts
@@ -89,16 +87,16 @@ class Sender:
         # was told to.
         self._paused_until = 0.0
 
-    async def deliver(self, events: list[Event], body: bytes, key: str | None = None) -> None:
+    async def deliver(self, events: list[Event], body: bytes, key: str) -> None:
         """Deliver ``events`` (already encoded as ``body``), bisecting where refused.
 
         Args:
             events: The events, settled in the ledger one way or another on return.
             body: Their JSON array.
-            key: The batch's Idempotency-Key; a new one if None.
+            key: The batch's Idempotency-Key (halves of a refused batch get new ones).
         """
         # stack of (events, body, idempotency key) still to send, the next one last
-        pending = [(events, body, key or new_idempotency_key())]
+        pending = [(events, body, key)]
         while pending:
             part, part_body, part_key = pending.pop()
             try:
@@ -109,14 +107,11 @@ class Sender:
                 raise
             if outcome is _Outcome.SPLIT:
                 half = len(part) // 2
-                for piece in (part[half:], part[:half]):
-                    good, piece_body, unencodable = encode(piece)
-                    for event, reason in unencodable:  # cannot happen: they encoded before
-                        self._settle_failed(EncodeError(reason, [event]))
-                    pending.append((good, piece_body, new_idempotency_key()))
+                for piece in (part[half:], part[:half]):  # every event here encoded before
+                    pending.append((piece, encoder.encode(piece), new_idempotency_key()))
 
     def _settle_failed(self, error: DeliveryError) -> None:
-        self.ledger.in_flight -= len(error.events)
+        self._ledger.in_flight -= len(error.events)
         self._report(error)
 
     async def _wait_pause(self) -> None:
@@ -125,7 +120,7 @@ class Sender:
             await anyio.sleep(delay)
 
     async def _attempts(self, events: list[Event], body: bytes, key: str) -> _Outcome:
-        ledger = self.ledger
+        ledger = self._ledger
         started = time.monotonic()
         attempt = 0
         try:
