@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import signal
 import sys
@@ -87,18 +88,25 @@ async def test_retry_after_pauses_the_whole_sender(
     assert len(server.events) == 200
 
 
-async def test_retry_after_as_an_http_date(
-    server: ReferenceServer, make_tracker: MakeTracker
+@pytest.mark.parametrize(
+    ("status", "retry_after"),
+    [
+        (429, lambda: "1"),
+        # an HTTP date has one-second resolution: the wait is between 1 and 2 seconds
+        (503, lambda: email.utils.formatdate(time.time() + 2, usegmt=True)),
+    ],
+    ids=["seconds", "http-date"],
+)
+async def test_retry_after_is_honoured(
+    server: ReferenceServer,
+    make_tracker: MakeTracker,
+    status: int,
+    retry_after: Callable[[], str],
 ) -> None:
-    import email.utils
-
-    server.faults.fail_next(
-        1, 503, retry_after=email.utils.formatdate(time.time() + 2, usegmt=True)
-    )
+    server.faults.fail_next(1, status, retry_after=retry_after())
     async with make_tracker() as tracker:
         tracker.track("usr_1", "view")
     first, second = server.requests
-    # the date has one-second resolution: the wait is between 1 and 2 seconds
     assert second.received_at - first.answered_at >= 1.0
     assert len(server.events) == 1
 

@@ -329,15 +329,6 @@ async def test_a_slow_answer_times_out_and_is_retried(
     assert errors == [] and len(server.events) == 1
 
 
-async def test_retry_after_is_honoured(server: ReferenceServer, make_tracker: MakeTracker) -> None:
-    server.faults.fail_next(1, 429, retry_after="1")
-    async with make_tracker() as tracker:
-        tracker.track("usr_1", "view")
-    first, second = server.requests
-    assert second.received_at - first.received_at >= 1.0
-    assert len(server.events) == 1
-
-
 async def test_retries_run_out_and_are_reported(
     server: ReferenceServer, make_tracker: MakeTracker, errors: Errors
 ) -> None:
