@@ -18,6 +18,7 @@ from ._exceptions import (
     TrackerClosedError,
 )
 from ._recommend import Recommendation
+from ._retry import RetryPolicy
 from ._stats import Stats
 from ._tracker import Tracker
 
@@ -35,6 +36,7 @@ __all__ = [
     "RecommendationError",
     "RejectedError",
     "RetriesExhaustedError",
+    "RetryPolicy",
     "ShutdownError",
     "Stats",
     "Tracker",

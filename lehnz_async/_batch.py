@@ -1,4 +1,11 @@
-"""Cutting the queue into batches; no I/O, so it is tested synchronously.
+"""The one shape of a batch, and cutting the queue into batches; no I/O.
+
+A `Batch` is made once, when its events leave the queue (or when a spooled row is read
+back), and keeps its events, its exact JSON body and its ``Idempotency-Key`` for its
+whole life: retries, a re-queue after a torn-down loop, the spool and its replay all send
+the same bytes under the same key, so a de-duplicating server stores it once. The halves
+of a bisected batch get keys derived from their parent's (``<key>.0``, ``<key>.1``), so a
+replayed spool row bisects into the very keys it did before.
 
 A batch is at most ``max_events`` events whose JSON array is at most ``max_bytes``
 (a single event larger than that is still sent alone: only the server knows its limit).
@@ -8,6 +15,7 @@ Events msgspec cannot encode are taken out and returned separately, so that one 
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from itertools import repeat, starmap
 from typing import NamedTuple
@@ -15,8 +23,75 @@ from typing import NamedTuple
 from ._event import Event, encoder
 
 
+def new_key() -> str:
+    """A fresh Idempotency-Key: 128 random bits, like a uuid4, for a fifth of the cost."""
+    return os.urandom(16).hex()
+
+
+class Batch:
+    """Events on their way, with their body and key; settled exactly once (see `Ledger`).
+
+    Attributes:
+        events: The events, oldest first.
+        body: Their JSON array, exactly as POSTed.
+        key: The Idempotency-Key, the same on every attempt, re-queue and replay.
+        root: The sequence number of the first event of the batch this one was cut as
+            (halves keep their parent's), the ledger's handle on it.
+        spool_id: The spool row it was read back from, if any.
+        attempts: Requests made for it so far.
+        first_attempt: Loop time of its first request (for the retry time budget).
+        settled: Set by the ledger when its fate is decided; never unset.
+    """
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "events",
+        "first_attempt",
+        "key",
+        "root",
+        "settled",
+        "spool_id",
+    )
+
+    def __init__(
+        self,
+        events: list[Event],
+        body: bytes,
+        key: str,
+        root: int,
+        spool_id: int | None = None,
+    ) -> None:
+        self.events = events
+        self.body = body
+        self.key = key
+        self.root = root
+        self.spool_id = spool_id
+        self.attempts = 0
+        self.first_attempt: float | None = None
+        self.settled = False
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def split(self) -> tuple[Batch, Batch]:
+        """The two halves, each re-encoded, with keys derived from this batch's key.
+
+        Every event here was encoded once already, so encoding a half cannot fail.
+        """
+        half = len(self.events) // 2
+        first, second = self.events[:half], self.events[half:]
+        return (
+            Batch(first, encoder.encode(first), f"{self.key}.0", self.root, self.spool_id),
+            Batch(second, encoder.encode(second), f"{self.key}.1", self.root, self.spool_id),
+        )
+
+    def __repr__(self) -> str:
+        return f"<Batch {len(self.events)} events key={self.key} root={self.root}>"
+
+
 class Cut(NamedTuple):
-    """One batch taken from the queue."""
+    """One batch's worth of events taken from the queue."""
 
     #: The events of the batch, oldest first; may be empty if all were unencodable.
     events: list[Event]

@@ -17,6 +17,7 @@ from ._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from ._exceptions import DeliveryError
+    from ._retry import RetryPolicy
 
 #: The documented ingestion URL.
 DEFAULT_INGEST_URL = "https://ingestion.lehnz.com/api/v1/events/ingest"
@@ -31,6 +32,8 @@ DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_CONCURRENT_REQUESTS = 4
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_MAX_QUEUE_SIZE = 100_000
+DEFAULT_RECOMMEND_CONNECTIONS = 4  # the recommender's own pool, apart from the uploads'
+# RetryPolicy's defaults
 DEFAULT_MAX_ATTEMPTS = 8
 DEFAULT_MAX_RETRY_TIME = 60.0
 DEFAULT_RETRY_BASE_DELAY = 0.1
@@ -89,12 +92,12 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return endpoint
 
 
-def _positive_int(name: str, value: int) -> None:
+def positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
 
 
-def _positive_float(name: str, value: float) -> None:
+def positive_float(name: str, value: float) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -109,6 +112,7 @@ class Config:
     """Validated tracker options; see the README's options table."""
 
     api_key: str
+    retry: RetryPolicy
     endpoint: str = DEFAULT_INGEST_URL
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
@@ -116,10 +120,6 @@ class Config:
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    max_retry_time: float = DEFAULT_MAX_RETRY_TIME
-    retry_base_delay: float = DEFAULT_RETRY_BASE_DELAY
-    retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT
     overflow: str = DEFAULT_OVERFLOW
@@ -140,27 +140,23 @@ class Config:
             "max_batch_bytes",
             "max_concurrent_requests",
             "max_queue_size",
-            "max_attempts",
             "attribution_max_users",
         ):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         for name in (
             "flush_interval",
             "request_timeout",
-            "max_retry_time",
-            "retry_base_delay",
-            "retry_max_delay",
             "close_timeout",
             "exit_timeout",
         ):
-            _positive_float(name, getattr(self, name))
+            positive_float(name, getattr(self, name))
         if self.max_queue_size < self.max_batch_size:
             raise ConfigurationError(
                 f"max_queue_size ({self.max_queue_size}) must be at least "
                 f"max_batch_size ({self.max_batch_size})"
             )
         if self.attribution_ttl is not None:
-            _positive_float("attribution_ttl", self.attribution_ttl)
+            positive_float("attribution_ttl", self.attribution_ttl)
         if self.overflow not in OVERFLOW_POLICIES:
             raise ConfigurationError(
                 f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {self.overflow!r} "
@@ -168,5 +164,11 @@ class Config:
             )
         if self.spool_path is not None and not self.spool_path:
             raise ConfigurationError("spool_path must be a file path or None")
+        from ._retry import RetryPolicy
+
+        if not isinstance(self.retry, RetryPolicy):
+            raise ConfigurationError(
+                f"retry must be a lehnz_async.RetryPolicy, not {type(self.retry).__name__}"
+            )
         if self.on_error is not None and not callable(self.on_error):
             raise ConfigurationError("on_error must be a callable taking one DeliveryError")

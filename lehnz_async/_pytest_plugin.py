@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from ._retry import RetryPolicy
 from ._tracker import Tracker
 from .testing import ReferenceServer
 
@@ -33,8 +34,7 @@ async def lehnz_tracker(lehnz_server: ReferenceServer) -> AsyncIterator[Tracker]
         lehnz_server.api_key,
         endpoint=lehnz_server.url,
         flush_interval=0.05,
-        retry_base_delay=0.01,
-        retry_max_delay=0.1,
+        retry=RetryPolicy(base_delay=0.01, max_delay=0.1),
     )
     async with tracker:
         yield tracker

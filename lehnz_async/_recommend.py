@@ -15,6 +15,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from ._exceptions import RecommendationError
+from ._transport import BatchTransport, TransportFailure, error_message
+
 #: The documented recommendations URL.
 DEFAULT_RECOMMEND_URL = "https://recommendations.lehnz.com/recommend"
 
@@ -97,3 +100,47 @@ class Attribution:
 
     def __len__(self) -> int:
         return len(self._users)
+
+
+class Recommender:
+    """``recommend()`` over a connection pool of its own, apart from the uploads', so that
+    a backlog of batches never delays an answer a page is waiting for.
+
+    Args:
+        url: The ``/recommend`` URL.
+        transport: Its own transport (or a capture stand-in that refuses).
+        attribution: Where answers are remembered, if attribution is on.
+    """
+
+    def __init__(
+        self, url: str, transport: BatchTransport, attribution: Attribution | None
+    ) -> None:
+        self.url = url
+        self.transport = transport
+        self.attribution = attribution
+
+    async def recommend(self, user_id: str, body: bytes) -> Recommendation:
+        """One POST to ``/recommend``; on the tracker's loop.
+
+        Raises:
+            RecommendationError: no answer, a non-2xx answer, or an unreadable one.
+        """
+        await self.transport.open()
+        try:
+            status, payload = await self.transport.call(self.url, body)
+        except TransportFailure as exc:
+            raise RecommendationError(f"/recommend did not answer: {exc}") from exc
+        if not 200 <= status < 300:
+            message = error_message(payload)
+            raise RecommendationError(
+                f"/recommend answered {status}: {message}", status=status, server_message=message
+            )
+        try:
+            result = recommendation_decoder.decode(payload)
+        except Exception as exc:
+            raise RecommendationError(
+                f"/recommend answered something unreadable: {error_message(payload)}"
+            ) from exc
+        if self.attribution is not None:
+            self.attribution.remember(user_id, result)
+        return result

@@ -1,195 +1,197 @@
-"""Delivering one batch: POST, retry with backoff, split on 400/413, settle every event.
+"""The sender: a pool of worker tasks that deliver batches, settling each in the ledger.
 
-Every event handed to `Sender.deliver` ends counted exactly once in the ledger, as
-delivered or failed (reported through ``report``), even when the delivery is cancelled
-at the close deadline.
+The flusher hands each `Batch` over with `Sender.submit` once it holds one of the
+``max_concurrent_requests`` slots. A worker POSTs it; retries what is retryable with
+full-jitter backoff inside the `RetryPolicy`; obeys ``Retry-After`` as a pause of every
+worker; splits a batch the server refused as a whole (400/413) into halves with derived
+keys; and settles every part in the ledger: delivered, failed (reported), or given up
+(spooled, else reported). An unexpected exception settles the parts it held as failed,
+with that exception as the cause, and the worker goes on with the next batch.
+
+A cancelled worker settles nothing: the parts it held stay unsettled, and the flusher
+collects them with `leftovers` (to spool or report them at the close deadline, or to
+re-queue them, same bytes and key, when the loop was torn down).
 """
 
 from __future__ import annotations
 
-import enum
+import asyncio
 import logging
-import os
-import time
+import random
 from collections.abc import Callable
 
 import anyio
 
-from ._event import Event, encoder
-from ._exceptions import (
-    AuthenticationError,
-    DeliveryError,
-    RejectedError,
-    RetriesExhaustedError,
-    ShutdownError,
-)
-from ._retry import RETRYABLE_STATUSES, backoff_delay
-from ._stats import Ledger
+from ._batch import Batch
+from ._exceptions import AuthenticationError, DeliveryError, RejectedError, RetriesExhaustedError
+from ._ledger import Fate, Ledger
+from ._retry import RETRYABLE_STATUSES, RetryPolicy
 from ._transport import BatchTransport, Response, TransportFailure
 
 logger = logging.getLogger("lehnz_async")
 
 
-class _Outcome(enum.Enum):
-    SETTLED = enum.auto()  # delivered or failed: nothing more to do
-    SPLIT = enum.auto()  # the server refused the whole; send the halves separately
-
-
-_SHUTDOWN_MESSAGE = (
-    "the close deadline passed before these events were acknowledged "
-    "(they may or may not have reached the server)"
-)
-
-
-def new_idempotency_key() -> str:
-    return os.urandom(16).hex()  # 128 random bits, like a uuid4, for a fifth of the cost
-
-
 class Sender:
-    """Sends batches with the retry policy; shared by all concurrent delivery tasks.
+    """Delivers batches for one run of a flusher, on one loop.
 
     Args:
         transport: Where to POST.
-        ledger: Counters to settle events in.
-        report: Called with each `DeliveryError` that is final (rejected, refused key):
-            counts it as failed, logs it, calls on_error.
-        give_up: Called with events that were not delivered for want of time (retries
-            ran out on a retryable failure, or the close deadline passed), with their
-            body and idempotency key, so that they can be spooled instead of failed.
-        max_attempts: Attempts per batch, the first included.
-        max_retry_time: Seconds from a batch's first attempt after which no retry starts.
-        retry_base_delay: Backoff of the first retry (before jitter).
-        retry_max_delay: Cap of the backoff (before jitter); Retry-After is not capped.
+        ledger: Where every batch is settled.
+        policy: The retry policy.
+        workers: Most batches in flight at once (``max_concurrent_requests``).
+        rng: The source of backoff jitter (seeded in the simulation).
     """
 
     def __init__(
         self,
         transport: BatchTransport,
         ledger: Ledger,
-        report: Callable[[DeliveryError], None],
-        give_up: Callable[[DeliveryError, bytes, str], None],
-        *,
-        max_attempts: int,
-        max_retry_time: float,
-        retry_base_delay: float,
-        retry_max_delay: float,
+        policy: RetryPolicy,
+        workers: int,
+        rng: random.Random,
     ) -> None:
         self._transport = transport
         self._ledger = ledger
-        self._report = report
-        self._give_up = give_up
-        self._max_attempts = max_attempts
-        self._max_retry_time = max_retry_time
-        self._base_delay = retry_base_delay
-        self._max_delay = retry_max_delay
-        # time.monotonic() before which no request may start: set by 429 / Retry-After,
-        # so that during a rate limit the whole sender waits, not just the batch that
-        # was told to.
+        self._policy = policy
+        self._max_workers = workers
+        self._rng = rng
+        #: one per batch in flight; the flusher acquires one before it cuts a batch
+        self.slots = asyncio.Semaphore(workers)
+        # batches handed over and not yet taken by a worker; None tells a worker to stop
+        self._outbox: asyncio.Queue[Batch | None] = asyncio.Queue()
+        self._workers = 0
+        # the parts each worker holds: a batch, or what is left of it after splits
+        self._in_hand: list[list[Batch]] = []
+        # loop time before which no request may start: set by 429 / Retry-After, so
+        # that during a rate limit the whole sender waits, not just the batch told to
         self._paused_until = 0.0
+        self._start_worker: Callable[[], object] = lambda: None
 
-    async def deliver(self, events: list[Event], body: bytes, key: str) -> None:
-        """Deliver ``events`` (already encoded as ``body``), bisecting where refused.
+    def bind(self, start_soon: Callable[[], object]) -> None:
+        """Give the sender the function that starts one worker in the run's task group."""
+        self._start_worker = start_soon
 
-        Args:
-            events: The events, settled in the ledger one way or another on return.
-            body: Their JSON array.
-            key: The batch's Idempotency-Key (halves of a refused batch get new ones).
-        """
-        # stack of (events, body, idempotency key) still to send, the next one last
-        pending = [(events, body, key)]
-        while pending:
-            part, part_body, part_key = pending.pop()
+    def submit(self, batch: Batch) -> None:
+        """Deliver ``batch`` (the caller holds one of `slots`, released when it settles)."""
+        self._outbox.put_nowait(batch)
+        if self._workers < self._max_workers:
+            # lazily: a run torn down before its first batch leaves no task unstarted
+            self._workers += 1
+            self._start_worker()
+
+    def stop(self) -> None:
+        """Each worker stops once the batches handed over before this call are settled."""
+        for _ in range(self._workers):
+            self._outbox.put_nowait(None)
+
+    def leftovers(self) -> list[Batch]:
+        """Every part handed over and not settled (after the workers were cancelled),
+        oldest first."""
+        parts = [part for held in self._in_hand for part in held if not part.settled]
+        while not self._outbox.empty():
+            item = self._outbox.get_nowait()
+            if item is not None and not item.settled:
+                parts.append(item)
+        self._in_hand.clear()
+        return sorted(parts, key=lambda part: part.root)
+
+    async def worker(self) -> None:
+        """Deliver batches from the outbox, one at a time, until handed None."""
+        ledger = self._ledger
+        while (batch := await self._outbox.get()) is not None:
+            held = [batch]
+            self._in_hand.append(held)
             try:
-                outcome = await self._attempts(part, part_body, part_key)
-            except anyio.get_cancelled_exc_class():
-                for rest, rest_body, rest_key in pending:
-                    self._give_up(ShutdownError(_SHUTDOWN_MESSAGE, rest), rest_body, rest_key)
-                raise
-            if outcome is _Outcome.SPLIT:
-                half = len(part) // 2
-                for piece in (part[half:], part[:half]):  # every event here encoded before
-                    pending.append((piece, encoder.encode(piece), new_idempotency_key()))
+                await self._deliver(held)
+            except Exception as exc:  # a bug or a surprise: never strand the events
+                logger.exception("unexpected error while delivering %r", batch)
+                for part in held:
+                    if not part.settled:
+                        error = DeliveryError(
+                            f"unexpected error while delivering: {type(exc).__name__}: {exc}",
+                            part.events,
+                        )
+                        error.__cause__ = exc
+                        ledger.settle(part, Fate.FAILED, error)
+            # cancelled: `held` stays in _in_hand, unsettled, for leftovers()
+            self._in_hand.remove(held)
+            self.slots.release()
+            await ledger.commit_spool()
 
-    def _settle_failed(self, error: DeliveryError) -> None:
-        self._ledger.in_flight -= len(error.events)
-        self._report(error)
+    async def _deliver(self, held: list[Batch]) -> None:
+        """Deliver the parts in ``held``, the next one last, splitting where refused."""
+        while held:
+            halves = await self._attempts(held[-1])
+            part = held.pop()
+            if halves is not None:
+                held.extend(reversed(halves))
+            elif not part.settled:
+                raise AssertionError(f"{part!r} left unsettled")
 
-    async def _wait_pause(self) -> None:
+    async def _wait_pause(self, loop: asyncio.AbstractEventLoop) -> None:
         # a loop, not one sleep: another 429 may push the pause further meanwhile
-        while (delay := self._paused_until - time.monotonic()) > 0:  # noqa: ASYNC110
+        while (delay := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
             await anyio.sleep(delay)
 
-    async def _attempts(self, events: list[Event], body: bytes, key: str) -> _Outcome:
-        ledger = self._ledger
-        started = time.monotonic()
-        attempt = 0
-        try:
-            while True:
-                await self._wait_pause()
-                attempt += 1
-                ledger.requests += 1
-                if attempt > 1:
-                    ledger.retries += 1
-                try:
-                    response: Response | None = await self._transport.post(body, key)
-                except TransportFailure as exc:
-                    response, failure = None, str(exc)
-                if response is not None:
-                    status = response.status
-                    if 200 <= status < 300:
-                        ledger.in_flight -= len(events)
-                        ledger.delivered += len(events)
-                        return _Outcome.SETTLED
-                    failure = f"HTTP {status}: {response.message}"
-                    if status in (400, 413) and len(events) > 1:
-                        logger.debug("%s for %d events; splitting", failure, len(events))
-                        return _Outcome.SPLIT
+    async def _attempts(self, part: Batch) -> tuple[Batch, Batch] | None:
+        """Send ``part`` until it is settled (None) or must be split (its halves)."""
+        ledger, policy = self._ledger, self._policy
+        loop = asyncio.get_running_loop()
+        n = len(part.events)
+        while True:
+            await self._wait_pause(loop)
+            if part.first_attempt is None:
+                part.first_attempt = loop.time()
+            part.attempts += 1
+            ledger.attempt(retry=part.attempts > 1)
+            response: Response | None
+            try:
+                response = await self._transport.post(part.body, part.key)
+            except TransportFailure as exc:
+                response, failure = None, str(exc)
+            if response is not None:
+                status = response.status
+                if 200 <= status < 300:
+                    ledger.settle(part, Fate.DELIVERED)
+                    return None
+                failure = f"HTTP {status}: {response.message}"
+                if status in (400, 413) and n > 1:
+                    logger.debug("%s for %d events; splitting", failure, n)
+                    return part.split()
+                if status in (401, 403) or status not in RETRYABLE_STATUSES:
+                    kind: type[DeliveryError]
                     if status in (401, 403):
-                        self._settle_failed(
-                            AuthenticationError(
-                                f"the API key was refused ({failure})",
-                                events,
-                                status=status,
-                                server_message=response.message,
-                            )
-                        )
-                        return _Outcome.SETTLED
-                    if status not in RETRYABLE_STATUSES:
-                        self._settle_failed(
-                            RejectedError(
-                                f"the server rejected {len(events)} event(s) ({failure})",
-                                events,
-                                status=status,
-                                server_message=response.message,
-                            )
-                        )
-                        return _Outcome.SETTLED
-                if response is not None and response.retry_after is not None:
-                    delay = response.retry_after
-                else:
-                    delay = backoff_delay(attempt, self._base_delay, self._max_delay)
-                elapsed = time.monotonic() - started
-                if attempt >= self._max_attempts or elapsed + delay > self._max_retry_time:
-                    self._give_up(
-                        RetriesExhaustedError(
-                            f"gave up after {attempt} attempt(s) in {elapsed:.1f} s; "
-                            f"last: {failure}",
-                            events,
-                            status=None if response is None else response.status,
-                            server_message=None if response is None else response.message,
-                        ),
-                        body,
-                        key,
+                        kind, what = AuthenticationError, "the API key was refused"
+                    else:
+                        kind, what = RejectedError, f"the server rejected {n} event(s)"
+                    error = kind(
+                        f"{what} ({failure})",
+                        part.events,
+                        status=status,
+                        server_message=response.message,
                     )
-                    return _Outcome.SETTLED
-                if response is not None and (
-                    response.status == 429 or response.retry_after is not None
-                ):
-                    self._paused_until = max(self._paused_until, time.monotonic() + delay)
-                logger.debug("%s; retry %d in %.3f s", failure, attempt, delay)
-                await anyio.sleep(delay)
-        except anyio.get_cancelled_exc_class():
-            # Cancelled at the close deadline: these events are given up here, at the
-            # one place that knows they are unsettled, then the cancel goes on.
-            self._give_up(ShutdownError(_SHUTDOWN_MESSAGE, events), body, key)
-            raise
+                    ledger.settle(part, Fate.FAILED, error)
+                    return None
+            if response is not None and response.retry_after is not None:
+                delay = response.retry_after
+            else:
+                delay = policy.delay(part.attempts, self._rng.random)
+            elapsed = loop.time() - part.first_attempt
+            if part.attempts >= policy.max_attempts or elapsed + delay > policy.max_time:
+                ledger.give_up(
+                    part,
+                    RetriesExhaustedError(
+                        f"gave up after {part.attempts} attempt(s) in {elapsed:.1f} s; "
+                        f"last: {failure}",
+                        part.events,
+                        status=None if response is None else response.status,
+                        server_message=None if response is None else response.message,
+                    ),
+                )
+                return None
+            if response is not None and (
+                response.status == 429 or response.retry_after is not None
+            ):
+                self._paused_until = max(self._paused_until, loop.time() + delay)
+            logger.debug("%s; retry %d in %.3f s", failure, part.attempts, delay)
+            await anyio.sleep(delay)

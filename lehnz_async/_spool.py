@@ -2,9 +2,10 @@
 
 One row per batch, holding its exact JSON body and its Idempotency-Key, so that a batch
 re-sent from the spool is byte-for-byte the one that may already have reached the server
-and a de-duplicating server keeps it once. All methods are blocking; the tracker calls
-them through ``anyio.to_thread.run_sync``, never on the event loop. Each call opens its
-own connection, so any worker thread may make it.
+and a de-duplicating server keeps it once. Rows to add and to remove are buffered by the
+ledger as batches settle (`add`, `remove`, on the loop, no I/O) and written in one
+transaction by `commit`, off the loop (``anyio.to_thread``). Each write opens its own
+connection, so any worker thread may make it.
 
 One spool file belongs to one process at a time: two live trackers sharing a file would
 both re-send its rows (de-duplicated by the server through the Idempotency-Key, but sent
@@ -15,10 +16,17 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
+
+import anyio.to_thread
 
 if TYPE_CHECKING:
     import sqlite3
+
+    from ._batch import Batch
+
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -29,6 +37,14 @@ CREATE TABLE IF NOT EXISTS batches (
     body BLOB NOT NULL
 )
 """
+
+
+class SpoolWriteError(Exception):
+    """A commit failed; ``batches`` were not written."""
+
+    def __init__(self, batches: list[Batch], cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.batches = batches
 
 
 class SpooledBatch(NamedTuple):
@@ -49,6 +65,47 @@ class Spool:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        self._add: list[Batch] = []
+        self._remove: list[int] = []
+
+    # -- buffered on the loop, by the ledger ----------------------------------------------
+
+    def add(self, batch: Batch) -> None:
+        """Write ``batch`` at the next `commit`."""
+        self._add.append(batch)
+
+    def remove(self, row_id: int) -> None:
+        """Delete row ``row_id`` at the next `commit`."""
+        self._remove.append(row_id)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._add or self._remove)
+
+    async def commit(self) -> None:
+        """Write what was added and removed since the last commit, in one transaction.
+
+        Raises:
+            SpoolWriteError: nothing was written; it holds the batches that were not.
+        """
+        if not self.dirty:
+            return
+        add, self._add = self._add, []
+        remove, self._remove = self._remove, []
+        rows = [(batch.key, len(batch.events), batch.body) for batch in add]
+        try:
+            await self._run(self._commit, rows, remove)
+        except Exception as exc:
+            raise SpoolWriteError(add, exc) from exc
+
+    async def load(self) -> list[SpooledBatch]:
+        """Every spooled batch, oldest first."""
+        return await self._run(self._load)
+
+    # -- blocking, off the loop -----------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        return await anyio.to_thread.run_sync(fn, *args)
 
     def _connect(self) -> sqlite3.Connection:
         import sqlite3  # here, not at the top: 1 MB of RSS that trackers without a spool skip
@@ -61,8 +118,7 @@ class Spool:
         conn.execute(_SCHEMA)
         return conn
 
-    def load(self) -> list[SpooledBatch]:
-        """Every spooled batch, oldest first."""
+    def _load(self) -> list[SpooledBatch]:
         conn = self._connect()
         try:
             rows = conn.execute(
@@ -72,10 +128,7 @@ class Spool:
             conn.close()
         return [SpooledBatch(int(i), str(k), int(n), bytes(b)) for i, k, n, b in rows]
 
-    def commit(self, add: list[tuple[str, int, bytes]], remove: list[int]) -> None:
-        """In one transaction, add ``(key, n_events, body)`` rows and remove rows by id."""
-        if not add and not remove:
-            return
+    def _commit(self, add: list[tuple[str, int, bytes]], remove: list[int]) -> None:
         conn = self._connect()
         try:
             with conn:
@@ -88,3 +141,27 @@ class Spool:
                 conn.executemany("DELETE FROM batches WHERE id = ?", [(i,) for i in remove])
         finally:
             conn.close()
+
+
+class MemorySpool(Spool):
+    """A spool kept in a list, written inline: for the deterministic simulation, where a
+    thread would let real time into virtual time. ``rows`` survives the tracker, so a
+    later tracker given the same object replays it, as with a file."""
+
+    def __init__(self) -> None:
+        super().__init__("<memory>")
+        self.rows: list[SpooledBatch] = []
+        self._next_id = 1
+
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        return fn(*args)
+
+    def _load(self) -> list[SpooledBatch]:
+        return list(self.rows)
+
+    def _commit(self, add: list[tuple[str, int, bytes]], remove: list[int]) -> None:
+        gone = set(remove)
+        self.rows = [row for row in self.rows if row.id not in gone]
+        for key, n, body in add:
+            self.rows.append(SpooledBatch(self._next_id, key, n, body))
+            self._next_id += 1

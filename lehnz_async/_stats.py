@@ -33,32 +33,3 @@ class Stats(NamedTuple):
     requests: int
     #: Requests that were retries of an earlier failed attempt.
     retries: int
-
-
-class Ledger:
-    """Mutable counters shared by the tracker and its sender (loop thread only)."""
-
-    __slots__ = (
-        "batches",
-        "delivered",
-        "discarded",
-        "dropped",
-        "failed",
-        "in_flight",
-        "requests",
-        "retries",
-        "spooled",
-        "taken",
-    )
-
-    def __init__(self) -> None:
-        self.taken = 0  # events moved from the queue into batches
-        self.discarded = 0  # events failed or dropped without ever being taken
-        self.delivered = 0
-        self.failed = 0
-        self.dropped = 0
-        self.in_flight = 0
-        self.spooled = 0
-        self.batches = 0
-        self.requests = 0
-        self.retries = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
+import re
 import time
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -37,17 +38,51 @@ class TransportFailure(Exception):
     """No usable answer: a timeout, a refused or dropped connection."""
 
 
+#: Bytes of an error body read at most; the rest is never read (a proxy's 10 MB page).
+MAX_ERROR_BODY = 64 * 1024
+#: Bytes of a /recommend answer read at most.
+MAX_ANSWER = 1024 * 1024
+#: Characters of a server's message kept for errors and logs.
+MAX_MESSAGE = 200
+_TAGS = re.compile(r"<[^>]*>")
+_SPACE = re.compile(r"\s+")
+
+
 def error_message(body: bytes) -> str | None:
-    """The ``error`` field of a JSON error body, else the start of the body as text."""
+    """The server's message in an error body, as one short line; never raises.
+
+    The ``error`` field of a JSON object if there is one, else the body as text with any
+    HTML tags taken out. Whatever the bytes (invalid UTF-8, a 10 MB page, 100,000-deep
+    JSON), the result is at most ``MAX_MESSAGE`` printable characters on one line.
+    """
     if not body:
         return None
-    try:
-        data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return str(data["error"])
-    return body[:300].decode("utf-8", "replace").strip() or None
+    body = body[:MAX_ERROR_BODY]
+    text: str | None = None
+    if body[:1] == b"{":
+        try:
+            data = msgspec.json.decode(body)
+        except Exception:  # DecodeError, RecursionError on deep nesting, ...
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            text = data["error"]
+    if text is None:
+        text = _TAGS.sub(" ", body[: MAX_MESSAGE * 8].decode("utf-8", "replace"))
+    text = _SPACE.sub(" ", "".join(c if c.isprintable() else " " for c in text)).strip()
+    if len(text) > MAX_MESSAGE:
+        text = text[: MAX_MESSAGE - 1] + "\u2026"
+    return text or None
+
+
+def read_answer(status: int, payload: bytes, retry_after: str | None) -> Response:
+    """The `Response` to an ingest POST that was answered ``status`` with ``payload``."""
+    if 200 <= status < 300:
+        return Response(status, None, None)
+    if 300 <= status < 400:
+        message = f"unexpected redirect (check the endpoint URL): {error_message(payload)}"
+    else:
+        message = error_message(payload) or ""
+    return Response(status, message, parse_retry_after(retry_after, time.time()))
 
 
 class BatchTransport(Protocol):
@@ -139,15 +174,17 @@ class Transport:
         self._session = None
 
     async def _post(
-        self, url: str, body: bytes, headers: dict[str, str]
+        self, url: str, body: bytes, headers: dict[str, str], limit: int = MAX_ERROR_BODY
     ) -> tuple[int, bytes, str | None]:
-        """POST; the status, body and Retry-After header. Maps aiohttp's errors, once."""
+        """POST; the status, at most ``limit`` bytes of the body, and the Retry-After
+        header. Maps aiohttp's errors, once."""
         assert self._session is not None, "Transport.open() was not awaited"
         try:
             async with self._session.post(
                 url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as resp:
-                return resp.status, await resp.read(), resp.headers.get("Retry-After")
+                payload = await _read_at_most(resp, limit)
+                return resp.status, payload, resp.headers.get("Retry-After")
         except asyncio.TimeoutError as exc:
             raise TransportFailure(f"no answer within {self._timeout.total} s") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -159,7 +196,7 @@ class Transport:
         Raises:
             TransportFailure: no HTTP answer.
         """
-        status, payload, _ = await self._post(url, body, self._headers)
+        status, payload, _ = await self._post(url, body, self._headers, MAX_ANSWER)
         return status, payload
 
     async def post(self, body: bytes, idempotency_key: str) -> Response:
@@ -169,11 +206,17 @@ class Transport:
             TransportFailure: no HTTP answer (timeout, connection refused or dropped).
         """
         headers = {**self._headers, "Idempotency-Key": idempotency_key}
-        status, payload, retry_after = await self._post(self._endpoint, body, headers)
-        if 200 <= status < 300:
-            return Response(status, None, None)
-        if 300 <= status < 400:
-            message = f"unexpected redirect (check the endpoint URL): {error_message(payload)}"
-        else:
-            message = error_message(payload) or ""
-        return Response(status, message, parse_retry_after(retry_after, time.time()))
+        return read_answer(*await self._post(self._endpoint, body, headers))
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a response body."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await resp.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lehnz_async import DeliveryError, Stats, Tracker
+from lehnz_async import DeliveryError, RetryPolicy, Stats, Tracker
 from lehnz_async.testing import ReferenceServer
 
 
@@ -46,8 +46,7 @@ def make_tracker(server: ReferenceServer, errors: Errors) -> Callable[..., Track
 
     def make(**options: Any) -> Tracker:
         options.setdefault("on_error", errors)
-        options.setdefault("retry_base_delay", 0.01)
-        options.setdefault("retry_max_delay", 0.05)
+        options.setdefault("retry", RetryPolicy(base_delay=0.01, max_delay=0.05))
         return Tracker(server.api_key, endpoint=server.url, **options)
 
     return make

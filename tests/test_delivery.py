@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lehnz_async import ConfigurationError, RetriesExhaustedError, Tracker
+from lehnz_async import ConfigurationError, RetriesExhaustedError, RetryPolicy, Tracker
 from lehnz_async.testing import Fault, FaultPlan, ReferenceServer
 
 from .conftest import Errors, assert_ledger
@@ -47,7 +47,11 @@ async def test_soak_under_mixed_faults_loses_nothing(
             (0.03, Fault(delay=1.0, process=True)),  # stored, answer too late
         ],
     )
-    tracker = make_tracker(request_timeout=0.5, max_attempts=30, close_timeout=60)
+    tracker = make_tracker(
+        request_timeout=0.5,
+        retry=RetryPolicy(max_attempts=30, base_delay=0.01, max_delay=0.05),
+        close_timeout=60,
+    )
     started = time.monotonic()
     async with tracker:
         track_many(tracker, n)
@@ -167,7 +171,11 @@ async def test_exhausted_retries_go_to_the_spool_and_are_resent_on_next_start(
 ) -> None:
     spool = tmp_path / "spool.sqlite3"
     server.faults.random_faults = [(1.0, Fault(503))]
-    tracker = make_tracker(spool_path=spool, max_attempts=2, max_batch_size=10)
+    tracker = make_tracker(
+        spool_path=spool,
+        retry=RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.05),
+        max_batch_size=10,
+    )
     async with tracker:
         track_many(tracker, 25)
     assert errors == [] and server.events == []
@@ -212,11 +220,11 @@ async def test_the_close_deadline_spools_what_is_in_flight_and_queued(
 
 CHILD = """
 import asyncio, sys
-from lehnz_async import Tracker
+from lehnz_async import RetryPolicy, Tracker
 
 async def main(url, key, path, n):
-    tracker = Tracker(key, endpoint=url, spool_path=path, max_attempts=2,
-                      retry_base_delay=0.01, close_timeout=5)
+    tracker = Tracker(key, endpoint=url, spool_path=path,
+                      retry=RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.05), close_timeout=5)
     async with tracker:
         for i in range(n):
             tracker.track(f"usr_{i}", "view")
@@ -258,7 +266,9 @@ async def test_without_a_spool_exhausted_retries_are_reported(
     server: ReferenceServer, make_tracker: MakeTracker, errors: Errors
 ) -> None:
     server.faults.random_faults = [(1.0, Fault(500))]
-    async with make_tracker(max_attempts=3) as tracker:
+    async with make_tracker(
+        retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05)
+    ) as tracker:
         track_many(tracker, 3)
     (error,) = errors
     assert isinstance(error, RetriesExhaustedError) and len(error.events) == 3

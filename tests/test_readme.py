@@ -63,5 +63,7 @@ async def test_attribution(server: ReferenceServer) -> None:
 
 def test_user_test(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=EXAMPLES["user-test"])
-    result = pytester.runpytest_subprocess("-p", "anyio")
+    result = pytester.runpytest_subprocess(
+        "-p", "anyio", "-p", "no:looptime_plugin"
+    )  # looptime's needs pytest-asyncio
     result.assert_outcomes(passed=2)

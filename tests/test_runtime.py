@@ -218,7 +218,9 @@ def test_the_pytest_plugin_gives_a_server_a_tracker_and_a_capture(
             assert_tracked(lehnz_capture, item_id="p1", count=1)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "anyio")
+    result = pytester.runpytest_subprocess(
+        "-p", "anyio", "-p", "no:looptime_plugin"
+    )  # looptime's needs pytest-asyncio
     result.assert_outcomes(passed=2)
 
 

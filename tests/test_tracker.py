@@ -18,6 +18,7 @@ from lehnz_async import (
     EncodeError,
     RejectedError,
     RetriesExhaustedError,
+    RetryPolicy,
     ShutdownError,
     Tracker,
     TrackerClosedError,
@@ -333,7 +334,9 @@ async def test_retries_run_out_and_are_reported(
     server: ReferenceServer, make_tracker: MakeTracker, errors: Errors
 ) -> None:
     server.faults.fail_next(10, 502)
-    async with make_tracker(max_attempts=3) as tracker:
+    async with make_tracker(
+        retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05)
+    ) as tracker:
         track_many(tracker, 2)
     (error,) = errors
     assert isinstance(error, RetriesExhaustedError) and error.status == 502

@@ -1,0 +1,281 @@
+"""The ledger: the only writer of a tracker's counters, and the one place a batch's fate
+is settled.
+
+Every event a tracker accepts ends in exactly one of: delivered, failed (reported to
+``on_error``), dropped (counted, with a reason), or spooled. `Ledger.settle` is where a
+`Batch` gets its fate, exactly once (``Batch.settled``); `refuse`, `fail_taken` and
+`drop` account for events that never became part of a batch. Every write keeps the
+identity ``taken + discarded == delivered + failed + dropped + in_flight + spooled``
+(and so ``tracked == delivered + failed + dropped + queued + in_flight + spooled``, with
+``tracked`` derived as ``taken + queued + discarded``) and happens under one lock, so a
+`Stats` snapshot taken from any thread adds up.
+
+The ledger also knows which batches are open, by the sequence number of their first
+event, so that ``flush()`` can wait for exactly what it covers (`wait_settled`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ._exceptions import AuthenticationError, DeliveryError, ShutdownError
+from ._spool import SpoolWriteError
+from ._stats import Stats
+
+if TYPE_CHECKING:
+    from ._batch import Batch
+    from ._event import Event
+    from ._spool import Spool
+
+logger = logging.getLogger("lehnz_async")
+
+
+class Fate(enum.Enum):
+    """How a batch ends."""
+
+    DELIVERED = "delivered"
+    FAILED = "failed"  # reported to on_error
+    SPOOLED = "spooled"  # written to the spool, to be sent by a later tracker
+
+
+class Ledger:
+    """The counters, the open batches and the failure reports of one tracker.
+
+    Args:
+        on_error: The user's callback for each `DeliveryError`, or None.
+        spool: Where given-up batches go, if anywhere.
+    """
+
+    def __init__(
+        self,
+        on_error: Callable[[DeliveryError], object] | None,
+        spool: Spool | None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._on_error = on_error
+        self.spool = spool
+        self.taken = 0  # events that left the queue (into batches, or failed/dropped there)
+        self.discarded = 0  # events failed or dropped without ever being queued
+        self.delivered = 0
+        self.failed = 0
+        self.dropped = 0
+        self.in_flight = 0
+        self.spooled = 0
+        self.batches = 0
+        self.requests = 0
+        self.retries = 0
+        #: settle() calls for a batch already settled: a bug if ever non-zero
+        self.anomalies = 0
+        # root sequence number -> [events still unsettled, spool row or None]; in
+        # insertion order, which is sequence order, so the first key is the oldest
+        self._open: dict[int, list[int | None]] = {}
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._reported_kinds: set[tuple[type, int | None]] = set()
+        self._spool_logged = False
+
+    def reset(self) -> None:
+        """Start from zero (in a forked child: the parent accounts for its events)."""
+        self.__init__(self._on_error, self.spool)  # type: ignore[misc]
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def open(self, batch: Batch, spool_id: int | None = None) -> None:
+        """Count ``batch`` (just cut, or read back from the spool) as taken and in flight,
+        and give it its sequence number."""
+        n = len(batch.events)
+        with self._lock:
+            batch.root = self.taken
+            self.taken += n
+            self.in_flight += n
+            self.batches += 1
+            self._open[batch.root] = [n, spool_id]
+
+    def settle(self, batch: Batch, fate: Fate, error: DeliveryError | None = None) -> None:
+        """Decide ``batch``'s fate; the only place that does. ``error`` goes with FAILED
+        (reported to on_error) and SPOOLED (logged)."""
+        n = len(batch.events)
+        with self._lock:
+            if batch.settled:
+                self.anomalies += 1
+                anomaly = True
+            else:
+                anomaly = False
+                batch.settled = True
+                self.in_flight -= n
+                if fate is Fate.DELIVERED:
+                    self.delivered += n
+                elif fate is Fate.SPOOLED:
+                    self.spooled += n
+                else:
+                    self.failed += n
+                entry = self._open[batch.root]
+                remaining = entry[0]
+                assert remaining is not None
+                entry[0] = remaining - n
+                closed_row = entry[1] if entry[0] == 0 else None
+                if entry[0] == 0:
+                    del self._open[batch.root]
+        if anomaly:
+            logger.error("internal error: %r was settled twice (as %s)", batch, fate.value)
+            return
+        spool = self.spool
+        if fate is Fate.SPOOLED:
+            assert spool is not None
+            spool.add(batch)
+            logger.log(
+                logging.DEBUG if self._spool_logged else logging.WARNING,
+                "%d event(s) spooled to %s (%s); they are re-sent when a tracker next starts",
+                n,
+                spool.path,
+                error,
+            )
+            self._spool_logged = True
+        if closed_row is not None and spool is not None:
+            spool.remove(closed_row)
+        if fate is Fate.FAILED:
+            assert error is not None
+            self.report(error)
+        self._release_waiters()
+
+    def give_up(self, batch: Batch, error: DeliveryError) -> None:
+        """Out of time for ``batch``: spool it if there is a spool, else report it."""
+        self.settle(batch, Fate.FAILED if self.spool is None else Fate.SPOOLED, error)
+
+    def fail_taken(self, events: Sequence[Event], error: DeliveryError) -> None:
+        """Events taken from the queue that can never be sent (unencodable, or nowhere
+        left to send them at exit): failed, and reported."""
+        with self._lock:
+            self.taken += len(events)
+            self.failed += len(events)
+        self.report(error)
+
+    def refuse(self, error: DeliveryError) -> None:
+        """Events refused before being queued (tracked after close): failed, reported."""
+        with self._lock:
+            self.discarded += len(error.events)
+            self.failed += len(error.events)
+        self.report(error)
+
+    def drop(self, n: int, *, taken: bool) -> int:
+        """Count ``n`` events dropped for want of room; ``taken`` when they were popped off
+        the queue (drop_oldest), not refused at the door (drop_newest). The total."""
+        with self._lock:
+            if taken:
+                self.taken += n
+            else:
+                self.discarded += n
+            self.dropped += n
+            return self.dropped
+
+    def attempt(self, retry: bool) -> None:
+        """Count one request."""
+        with self._lock:
+            self.requests += 1
+            if retry:
+                self.retries += 1
+
+    async def commit_spool(self) -> None:
+        """Write what was spooled since the last commit. Batches that cannot be written
+        (a full disk, an unwritable path) are failed and reported instead."""
+        spool = self.spool
+        if spool is None or not spool.dirty:
+            return
+        try:
+            await spool.commit()
+        except SpoolWriteError as exc:
+            events = [event for batch in exc.batches for event in batch.events]
+            with self._lock:
+                self.spooled -= len(events)
+                self.failed += len(events)
+            error = DeliveryError(f"could not write the spool {spool.path}: {exc}", events)
+            error.__cause__ = exc.__cause__
+            self.report(error)
+
+    # -- reports --------------------------------------------------------------------------
+
+    def report(self, error: DeliveryError) -> None:
+        """Log the first failure of its kind at WARNING (a refused key at ERROR), later ones
+        at DEBUG, and hand ``error`` to on_error (what that raises is logged)."""
+        kind = (type(error), error.status)
+        with self._lock:
+            seen = kind in self._reported_kinds
+            self._reported_kinds.add(kind)
+        if seen:
+            level = logging.DEBUG
+        elif isinstance(error, AuthenticationError) or error.__cause__ is not None:
+            level = logging.ERROR  # every batch will fail alike, or a bug: say it loudly
+        else:
+            level = logging.WARNING
+        logger.log(level, "%d event(s) not delivered: %s", len(error.events), error)
+        if self._on_error is not None:
+            try:
+                self._on_error(error)
+            except Exception:
+                logger.exception("on_error raised; the error it was given is logged above")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def stats(self, queued: int) -> Stats:
+        """A snapshot that adds up, with ``queued`` events waiting in the queue."""
+        with self._lock:
+            return Stats(
+                tracked=self.taken + queued + self.discarded,
+                delivered=self.delivered,
+                failed=self.failed,
+                dropped=self.dropped,
+                queued=queued,
+                in_flight=self.in_flight,
+                spooled=self.spooled,
+                batches=self.batches,
+                requests=self.requests,
+                retries=self.retries,
+            )
+
+    def settled_before(self, target: int) -> bool:
+        """Whether every event with a sequence number below ``target`` is settled."""
+        if self.taken < target:
+            return False
+        oldest = next(iter(self._open), None)
+        return oldest is None or oldest >= target
+
+    async def wait_settled(self, target: int) -> None:
+        """Return once every event with a sequence number below ``target`` is settled
+        (or `release_waiters` gives up waiting)."""
+        if self.settled_before(target):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, future))
+        await future
+
+    def _release_waiters(self) -> None:
+        if self._waiters:
+            self.release_waiters(all_=False)
+
+    def release_waiters(self, all_: bool) -> None:
+        """Wake the flush() calls whose events are settled (all of them: the run ended)."""
+        waiting = []
+        for target, future in self._waiters:
+            if all_ or self.settled_before(target):
+                if not future.done():
+                    with contextlib.suppress(RuntimeError):  # its loop is closed
+                        future.set_result(None)
+            else:
+                waiting.append((target, future))
+        self._waiters = waiting
+
+
+#: The message of events still unsettled when the close deadline passed.
+UNSENT_AT_CLOSE = (
+    "the close deadline passed before these events were acknowledged "
+    "(they may or may not have reached the server)"
+)
+
+
+def shutdown_error(events: Sequence[Event], message: str = UNSENT_AT_CLOSE) -> ShutdownError:
+    return ShutdownError(message, events)
