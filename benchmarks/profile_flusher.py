@@ -24,19 +24,18 @@ import pstats
 import time
 from typing import Any
 
-from bench_tracker import running_sink
-from drivers import DRIVER_TYPES, SinkClient, chunk_bounds
+from drivers import DRIVER_TYPES, chunk_bounds, running_sink
 
 
 async def _profile(driver_name: str, events: int, top: int) -> str:
-    async with running_sink() as sink:
+    with running_sink() as sink:
         driver = DRIVER_TYPES[driver_name]()
-        await driver.start(SinkClient(sink.base_url), max(events, 100_000))
+        await driver.start(sink, max(events, 100_000))
         driver.burst([driver.prepare(0, 1000)])
         await driver.flush()
         chunks = [driver.prepare(lo, hi) for lo, hi in chunk_bounds(events, 10)]
         batches = -(-events // 500)
-        await sink.reset()
+        sink.reset()
 
         driver.burst(chunks)
         start = time.perf_counter()
@@ -50,7 +49,7 @@ async def _profile(driver_name: str, events: int, top: int) -> str:
         await driver.flush()
         profiler.disable()
         profiled = time.perf_counter() - start
-        counts = await sink.counts()
+        counts = sink.counts()
         await driver.close()
 
     out = io.StringIO()

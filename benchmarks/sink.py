@@ -1,39 +1,20 @@
-"""A fast ingestion sink for benchmarks, meant to run in its own process.
-
-It answers ``POST /api/v1/events/ingest`` like the real endpoint does on success (202),
-but does as little as possible: it checks the key's prefix, counts the events of the
-JSON array and forgets them. It also accepts the ingestion requests of the peer SDKs the
-comparison (compare.py) runs, in their own formats, and answers them as their servers do
-on success:
-
-=========================  ==============================================  ======
-path                       body (as sent by)                               answer
-=========================  ==============================================  ======
-``/api/v1/events/ingest``  ``[{...}, ...]`` (lehnz_async, ceiling, naive)  202
-``/v1/batch``              ``{"batch": [...], "writeKey": ...}`` (Segment)  200
-``/batch/``                ``{"batch": [...], "api_key": ...}`` (PostHog)   200
-``/i/v0/e/``               ``[...]``, ``{"batch": [...]}`` or one event     200
-=========================  ==============================================  ======
-
-Bodies with ``Content-Encoding: gzip`` or ``deflate`` are decompressed by aiohttp before
-they are counted; the byte counters keep the size on the wire (``Content-Length``).
-A POST to any other path is answered 404 and counted as rejected, so that a peer pointed
-at a path the sink does not know cannot go unnoticed. ``GET /count`` returns what it has
-counted, ``POST /reset`` zeroes it. Run it as::
+"""A fast ingestion sink for the benchmarks, meant to run in its own process.
 
     python benchmarks/sink.py [--host 127.0.0.1] [--port 0] [--exit-on-stdin-eof]
+    python benchmarks/sink.py --decoders    # times the ways of counting events, then exits
 
-It prints ``READY <port>`` on stdout (flushed) once it listens, then nothing else on
-stdout. ``python benchmarks/sink.py --decoders`` times the ways of counting events it
-could use instead (see `compare_decoders`).
+It answers the ingestion requests of every driver in their own formats (`FORMATS`: one
+entry per path, each answered as its server does on success), counts their events and
+forgets them. A POST to any other path is answered 404 and counted as rejected, so that a
+client pointed at a path the sink does not know cannot go unnoticed. Bodies with
+``Content-Encoding: gzip`` or ``deflate`` are decompressed by aiohttp before they are
+counted; the byte counters keep the size on the wire. ``GET /count`` returns what it has
+counted (`Counts`), ``POST /reset`` zeroes it. It prints ``READY <port>`` on stdout
+(flushed) once it listens, then nothing else there.
 
-Counting: the body is decoded with ``msgspec.json.Decoder(list[_Object])``, ``_Object``
-being a struct with no fields and ``gc=False``. msgspec then checks that the body is valid
-JSON and an array of objects, but skips every field without building a Python object for
-it. On a 500-event array that is within ~10% of decoding into ``list[msgspec.Raw]`` (the
-fastest way, but it would count ``[1, 2]`` as two events), ~4x faster than a plain
-``msgspec.json.decode`` and ~8x faster than ``json.loads``: about 80 µs, a fifth of the
-sink's CPU time per request.
+Counting: each body is decoded with a msgspec decoder of its path's envelope whose events
+are `_Object`, a struct with no fields: msgspec validates the JSON and its shape but skips
+every field without building it (see `compare_decoders` and benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -45,17 +26,12 @@ import sys
 import time
 import timeit
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from aiohttp import web
 
 INGEST_PATH = "/api/v1/events/ingest"
-SEGMENT_PATH = "/v1/batch"  # segment/analytics/request.py: host + "/v1/batch"
-POSTHOG_BATCH_PATH = "/batch/"  # posthog/request.py: EVENTS_ENDPOINT = "/batch/"
-POSTHOG_CAPTURE_PATH = "/i/v0/e/"  # PostHog's capture endpoint (other SDKs use it)
-COUNT_PATH = "/count"
-RESET_PATH = "/reset"
 KEY_PREFIX = "lehnz_pk_"
 
 
@@ -71,7 +47,8 @@ class _SegmentBatch(msgspec.Struct, gc=False):
 
 
 class _PostHogBatch(msgspec.Struct, gc=False):
-    """PostHog's ``/batch/`` body: ``{"batch": [...], "api_key": ..., "sent_at": ...}``."""
+    """PostHog's ``/batch/`` body, from posthog.Posthog and posthog.AsyncPosthog alike:
+    ``{"batch": [...], "api_key": ..., "sent_at": ..., "historical_migration": ...}``."""
 
     batch: list[_Object]
     api_key: str
@@ -81,6 +58,51 @@ class _PostHogCapture(msgspec.Struct, gc=False):
     """A ``/i/v0/e/`` object body: ``{"batch": [...]}``, or one event (no ``batch``)."""
 
     batch: list[_Object] | None = None
+
+
+def _batch_size(decoded: Any) -> int:
+    """Events of a decoded body: an array, an envelope with a batch, or one event."""
+    if isinstance(decoded, list):
+        return len(decoded)
+    return 1 if decoded.batch is None else len(decoded.batch)
+
+
+class Format(NamedTuple):
+    decode: Callable[[bytes], Any]  # raises msgspec.DecodeError on a body not in the format
+    status: int  # of the answer on success
+    answer: Callable[[int], bytes]  # its body, from the number of events
+    error: bytes  # the body of the 400 answer to a body not in the format
+
+
+_ERROR = b'{"error":"Malformed JSON"}'
+_POSTHOG_OK = b'{"status":1}'
+#: path -> its format. Success is 202 for lehnz_async's endpoint; 200 for Segment's
+#: (analytics-python accepts any 2xx) and PostHog's (posthog-python treats anything else,
+#: 202 included, as a failure).
+FORMATS = {
+    INGEST_PATH: Format(
+        msgspec.json.Decoder(list[_Object]).decode, 202, lambda n: b'{"accepted":%d}' % n, _ERROR
+    ),
+    # segment/analytics/request.py: host + "/v1/batch"
+    "/v1/batch": Format(
+        msgspec.json.Decoder(_SegmentBatch).decode,
+        200,
+        lambda n: b'{"success":true}',
+        b'{"code":"invalid_request","message":"Malformed JSON"}',
+    ),
+    # posthog/request.py: EVENTS_ENDPOINT = "/batch/" (both clients' capture_mode v0)
+    "/batch/": Format(
+        msgspec.json.Decoder(_PostHogBatch).decode, 200, lambda n: _POSTHOG_OK, _ERROR
+    ),
+    # PostHog's capture endpoint, used by other SDKs
+    "/i/v0/e/": Format(
+        msgspec.json.Decoder(list[_Object] | _PostHogCapture).decode,
+        200,
+        lambda n: _POSTHOG_OK,
+        _ERROR,
+    ),
+}
+_decode_events = FORMATS[INGEST_PATH].decode
 
 
 class Counts(msgspec.Struct):
@@ -106,35 +128,8 @@ class Counts(msgspec.Struct):
     cpu_seconds: float = 0.0
 
 
-_decode_events = msgspec.json.Decoder(list[_Object]).decode
-_decode_segment = msgspec.json.Decoder(_SegmentBatch).decode
-_decode_posthog = msgspec.json.Decoder(_PostHogBatch).decode
-_decode_capture = msgspec.json.Decoder(list[_Object] | _PostHogCapture).decode
 _encode = msgspec.json.Encoder().encode
 _JSON = "application/json"
-_SEGMENT_ERROR = b'{"code":"invalid_request","message":"Malformed JSON"}'
-
-
-# Event counters, one per format: each raises msgspec.DecodeError on a body not in it.
-
-
-def _count_events(body: bytes) -> int:
-    return len(_decode_events(body))
-
-
-def _count_segment(body: bytes) -> int:
-    return len(_decode_segment(body).batch)
-
-
-def _count_posthog(body: bytes) -> int:
-    return len(_decode_posthog(body).batch)
-
-
-def _count_capture(body: bytes) -> int:
-    decoded = _decode_capture(body)
-    if isinstance(decoded, list):
-        return len(decoded)
-    return 1 if decoded.batch is None else len(decoded.batch)
 
 
 def header_size(request: web.BaseRequest) -> int:
@@ -146,10 +141,6 @@ def header_size(request: web.BaseRequest) -> int:
     return size
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, body=_encode({"error": message}), content_type=_JSON)
-
-
 class Sink:
     """The counters and the handlers; `app()` wires them into an application."""
 
@@ -158,76 +149,42 @@ class Sink:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post(INGEST_PATH, self.ingest)
-        app.router.add_post(SEGMENT_PATH, self.segment)
-        app.router.add_post(POSTHOG_BATCH_PATH, self.posthog_batch)
-        app.router.add_post(POSTHOG_CAPTURE_PATH, self.posthog_capture)
-        app.router.add_get(COUNT_PATH, self.count)
-        app.router.add_post(RESET_PATH, self.reset)
+        for path in FORMATS:
+            app.router.add_post(path, self.ingest)
+        app.router.add_get("/count", self.count)
+        app.router.add_post("/reset", self.reset)
         app.router.add_post("/{tail:.*}", self.unknown)
         return app
 
-    async def _accept(
-        self, request: web.Request, count: Callable[[bytes], int]
-    ) -> tuple[int, bool]:
-        """Read the body and count its events: (events, True), or (0, False) if it is
-        not in the path's format (then counted as rejected) or never came whole."""
-        counts = self.counts
+    async def ingest(self, request: web.Request) -> web.Response:
+        """Read the body and count its events, in the format of its path."""
+        counts, form = self.counts, FORMATS[request.path]
+        key = request.headers.get("X-API-KEY", "")
+        if request.path == INGEST_PATH and not key.startswith(KEY_PREFIX):
+            counts.rejected += 1
+            return web.json_response({"error": "Missing or invalid X-API-KEY"}, status=401)
         try:
             body = await request.read()  # decompressed if Content-Encoding says so
-        except ConnectionResetError:
-            counts.aborted += 1
-            return 0, False
-        try:
-            n = count(body)
-        except msgspec.DecodeError:  # ValidationError (not the expected shape) included
-            counts.rejected += 1
-            return 0, False
+            n = _batch_size(form.decode(body))
+        except (ConnectionResetError, msgspec.DecodeError) as error:
+            # the client went away mid-body, or the body is not in the path's format
+            # (msgspec's ValidationError, not the expected shape, included)
+            if isinstance(error, ConnectionResetError):
+                counts.aborted += 1
+            else:
+                counts.rejected += 1
+            return web.Response(status=400, body=form.error, content_type=_JSON)
         counts.events += n
         wire = request.content_length
         counts.bytes += len(body) if wire is None else wire
         counts.header_bytes += header_size(request)
         counts.requests += 1
-        by_path = counts.by_path
-        by_path[request.path] = by_path.get(request.path, 0) + n
-        return n, True
-
-    async def ingest(self, request: web.Request) -> web.Response:
-        """lehnz_async's endpoint: a JSON array of event objects, key in X-API-KEY."""
-        if not request.headers.get("X-API-KEY", "").startswith(KEY_PREFIX):
-            self.counts.rejected += 1
-            return _error(401, "Missing or invalid X-API-KEY")
-        n, ok = await self._accept(request, _count_events)
-        if not ok:
-            return _error(400, "Malformed JSON")
-        return web.Response(
-            status=202, body=b'{"accepted":%d}' % n, content_type=_JSON
-        )  # bytes %-formatting: no json.dumps on the hot path
-
-    async def segment(self, request: web.Request) -> web.Response:
-        """Segment's batch endpoint: 200 on success (analytics-python accepts any 2xx)."""
-        _, ok = await self._accept(request, _count_segment)
-        if not ok:
-            return web.Response(status=400, body=_SEGMENT_ERROR, content_type=_JSON)
-        return web.Response(body=b'{"success":true}', content_type=_JSON)
-
-    async def posthog_batch(self, request: web.Request) -> web.Response:
-        """PostHog's legacy batch endpoint: 200 (posthog-python treats anything else,
-        202 included, as a failure)."""
-        _, ok = await self._accept(request, _count_posthog)
-        if not ok:
-            return _error(400, "Malformed JSON")
-        return web.Response(body=b'{"status":1}', content_type=_JSON)
-
-    async def posthog_capture(self, request: web.Request) -> web.Response:
-        _, ok = await self._accept(request, _count_capture)
-        if not ok:
-            return _error(400, "Malformed JSON")
-        return web.Response(body=b'{"status":1}', content_type=_JSON)
+        counts.by_path[request.path] = counts.by_path.get(request.path, 0) + n
+        return web.Response(status=form.status, body=form.answer(n), content_type=_JSON)
 
     async def unknown(self, request: web.Request) -> web.Response:
         self.counts.rejected += 1
-        return _error(404, f"the sink does not serve {request.path}")
+        return web.json_response({"error": f"the sink does not serve {request.path}"}, status=404)
 
     async def count(self, request: web.Request) -> web.Response:
         self.counts.cpu_seconds = time.process_time()
@@ -272,27 +229,16 @@ async def serve(host: str, port: int, exit_on_stdin_eof: bool) -> None:
 
 
 def compare_decoders(n_events: int = 500, number: int = 500, repeat: int = 7) -> dict[str, float]:
-    """Microseconds to count the events of one ``n_events`` array, per way (best of
-    ``repeat`` runs of ``number`` decodes).
-
-    The array is what lehnz_async sends for the benchmark's events.
-    """
+    """Microseconds to count the events of one array of ``n_events`` of the benchmark's
+    events, as lehnz_async sends them, per way (best of ``repeat`` runs of ``number``)."""
     import json
+
+    from drivers import FAMILIES, make_stream
 
     from lehnz_async import Event
 
-    body = msgspec.json.encode(
-        [
-            Event(
-                f"usr_{i % 1000:05d}",
-                "engagement",
-                "view",
-                f"prod_{i % 5000:05d}",
-                context={"position": i % 20, "source": "bench"},
-            )
-            for i in range(n_events)
-        ]
-    )
+    stream = zip(*make_stream(0, n_events), strict=True)
+    body = msgspec.json.encode([Event(u, FAMILIES[e], e, i, context=c) for u, e, i, c in stream])
     raw_decode = msgspec.json.Decoder(list[msgspec.Raw]).decode
     any_decode = msgspec.json.Decoder().decode
     ways: dict[str, Callable[[], Any]] = {
@@ -312,18 +258,11 @@ def compare_decoders(n_events: int = 500, number: int = 500, repeat: int = 7) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 (default): an ephemeral port")
-    parser.add_argument(
-        "--exit-on-stdin-eof",
-        action="store_true",
-        help="stop when stdin is closed (so it never outlives the process that started it)",
-    )
-    parser.add_argument(
-        "--decoders",
-        action="store_true",
-        help="time the ways of counting the events of a 500-event array, then exit",
-    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, default=0, help="0 (default): an ephemeral port")
+    add("--exit-on-stdin-eof", action="store_true", help="stop when stdin is closed")
+    add("--decoders", action="store_true", help="time the ways of counting events, then exit")
     args = parser.parse_args(argv)
     if args.decoders:
         for name, us in compare_decoders().items():

@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-BENCH = BENCHMARKS / "bench_tracker.py"
 COMPARE = BENCHMARKS / "compare.py"
 DRIVERS = BENCHMARKS / "drivers.py"
 SINK = BENCHMARKS / "sink.py"
@@ -36,23 +35,48 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_benchmark_runs_and_delivers_everything() -> None:
-    proc = _run(
-        str(BENCH), "--events", str(EVENTS), "--repeats", "1", "--sink-seconds", "0.5", "--json"
-    )
-    assert proc.returncode == 0, proc.stderr
+def _report(result: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import compare  # the report renders from the JSON, as main() prints it
 
+    report: str = compare.format_report(result)
+    return report
+
+
+def _assert_delivered(run: dict[str, Any]) -> None:
+    assert run["sink_final"]["events"] == run["events"] > 0  # every event, counted by the sink
+    assert run["sink_final"]["rejected"] == 0
+    assert run["library_failed"] == 0
+    assert run["track_seconds"] > 0
+    assert run["rss_peak_bytes"] >= run["rss_baseline_bytes"] > 0
+
+
+def test_quick_run_of_lehnz_async_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = ["--events", str(EVENTS), "--repeats", "1", "--sink-seconds", "0.2"]
+    proc = _run(str(COMPARE), "--quick", *sizes, "--json")
+    assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    (run,) = result["trackers"]["lehnz_async"]["runs"]
+    raw, summary = result["raw"], result["summary"]
+
+    (run,) = raw["scenario1"].pop("lehnz_async")
+    assert not raw["scenario1"]  # lehnz_async alone
+    _assert_delivered(run)
     assert run["events"] == EVENTS
-    assert run["delivered"] == EVENTS  # counted by the sink
-    assert run["tracker_delivered"] == EVENTS
-    assert run["dropped"] == run["failed"] == 0
-    assert run["batches"] >= EVENTS // 500
-    assert run["track_us"] > 0
-    assert run["events_per_s"] > 0
-    assert result["sink_capacity"]["summary"]["events_per_s"]["median"] > 0
+    stats = run["tracker_stats"]  # the warm-up's events included
+    assert stats["delivered"] == EVENTS + run["warmup"]
+    assert stats["dropped"] == stats["failed"] == run["library_dropped"] == 0
+    assert stats["batches"] >= EVENTS // 500
+    for section in ("scenario2", "scaling", "latency"):  # --quick runs scenario 1 only
+        assert not any(raw[section].values())
+    figures = summary["scenario1"]["lehnz_async"]
+    assert figures["track_us"]["median"] > 0
+    assert figures["events_per_s"]["median"] > 0
+    assert all(c["events_per_s"]["median"] > 0 for c in summary["capacity"].values())
     assert result["environment"]["cpu_count"] >= 1
+
+    report = _report(result, monkeypatch)
+    assert "Scenario 1" in report
+    assert "Scenario 2" not in report
 
 
 def test_comparison_smoke_run_without_peers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,37 +88,25 @@ def test_comparison_smoke_run_without_peers(monkeypatch: pytest.MonkeyPatch) -> 
     assert set(raw["scenario1"]) == {"lehnz_async", "ceiling", "naive"}
     for runs in raw["scenario1"].values():
         (run,) = runs
-        assert run["sink_final"]["events"] == run["events"] > 0  # every event delivered
-        assert run["sink_final"]["rejected"] == 0
-        assert run["library_failed"] == 0
-        assert run["track_seconds"] > 0
-        assert run["rss_peak_bytes"] >= run["rss_baseline_bytes"] > 0
+        _assert_delivered(run)
     assert raw["scenario1"]["lehnz_async"][0]["library_dropped"] == 0
 
     (default_queue,) = raw["scenario2"]["lehnz_async"]
+    _assert_delivered(default_queue)
     assert default_queue["library_dropped"] == 0
-    assert default_queue["sink_final"]["events"] == default_queue["events"]
 
     assert set(raw["scaling"]) == {"burst 2000", "paced 2000"}
     for (run,) in raw["scaling"].values():
-        assert run["sink_final"]["events"] == 2000
+        _assert_delivered(run)
 
     (latency,) = raw["latency"]["lehnz_async"]
     assert latency["latency_ns"]
     assert len(latency["idle_latency_ns"]) == 1000
 
     assert set(summary["ratios"]) == {"ceiling", "naive"}
-    assert {t["target"] for t in summary["targets"]} >= {
-        "track() µs per call, loop included",
-        "dropped at defaults, 100k burst (max of runs)",
-    }
-
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import compare  # the report renders from the JSON, as main() prints it
-
-    report = compare.format_report(result)
-    assert "Scenario 1" in report
-    assert "Targets" in report
+    report = _report(result, monkeypatch)
+    for title in ("Scenario 1", "Ratios", "Scenario 2", "Scaling", "Single-call latency"):
+        assert title in report
 
 
 # -- the sink counts every format it serves --------------------------------------------------
@@ -138,11 +150,14 @@ def test_sink_counts_the_events_of_each_format(sink_url: str) -> None:
     key = {"X-API-KEY": "lehnz_pk_test"}
     posthog_body = _json({"batch": [{"event": "view"}] * 4, "api_key": "phc_x", "sent_at": "t"})
     zipped = gzip.compress(posthog_body)
+    # posthog.AsyncPosthog's body (posthog/_async_request.py, _serialize_v0_body)
+    async_body = {"batch": [{}] * 2, "historical_migration": False, "sent_at": "t", "api_key": "k"}
     accepted = [  # (path, body, headers, status, events)
         ("/api/v1/events/ingest", _json([{}, {"a": 1}]), key, 202, 2),
         ("/v1/batch", _json({"batch": [{}] * 3, "writeKey": "w", "sentAt": "t"}), {}, 200, 3),
         ("/batch/", posthog_body, {}, 200, 4),
         ("/batch/", zipped, {"Content-Encoding": "gzip"}, 200, 4),
+        ("/batch/", _json(async_body), {}, 200, 2),
         ("/i/v0/e/", _json({"event": "view", "distinct_id": "u"}), {}, 200, 1),
         ("/i/v0/e/", _json({"batch": [{}, {}], "api_key": "phc_x"}), {}, 200, 2),
         ("/i/v0/e/", _json([{}, {}, {}]), {}, 200, 3),
@@ -167,7 +182,7 @@ def test_sink_counts_the_events_of_each_format(sink_url: str) -> None:
     assert counts["by_path"] == {
         "/api/v1/events/ingest": 2,
         "/v1/batch": 3,
-        "/batch/": 8,
+        "/batch/": 10,
         "/i/v0/e/": 6,
     }
     # bytes as on the wire: the gzipped body counts compressed
@@ -191,15 +206,21 @@ def test_sink_counts_header_bytes_exactly(sink_url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("driver", "module", "path"),
-    [("segment", "segment.analytics", "/v1/batch"), ("posthog", "posthog", "/batch/")],
+    ("driver", "modules", "path"),
+    [
+        ("segment", ("segment",), "/v1/batch"),
+        ("posthog", ("posthog",), "/batch/"),
+        ("posthog_async", ("posthog", "httpx"), "/batch/"),
+    ],
 )
 def test_peer_driver_delivers_through_the_sink(
-    sink_url: str, driver: str, module: str, path: str
+    sink_url: str, driver: str, modules: tuple[str, ...], path: str
 ) -> None:
-    # find_spec("segment.analytics") imports "segment" first, and raises without it
-    if importlib.util.find_spec(module.split(".")[0]) is None:
-        pytest.skip(f"{module} is not installed (pip install -r benchmarks/requirements.txt)")
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(
+            f"{', '.join(missing)} not installed (pip install -r benchmarks/requirements.txt)"
+        )
     proc = _run(str(DRIVERS), driver, "--sink", sink_url, "--events", "300", "--warmup", "50")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
