@@ -129,8 +129,10 @@ class Sender:
                 raise AssertionError(f"{part!r} left unsettled")
 
     async def _wait_pause(self, loop: asyncio.AbstractEventLoop) -> None:
-        # a loop, not one sleep: another 429 may push the pause further meanwhile
-        while (delay := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
+        # a loop, not one sleep: another 429 may push the pause further meanwhile. A
+        # timer may fire up to the clock's resolution early: what is left below a
+        # millisecond counts as done, or the loop could spin without time moving.
+        while (delay := self._paused_until - loop.time()) > 0.001:  # noqa: ASYNC110
             await anyio.sleep(delay)
 
     async def _attempts(self, part: Batch) -> tuple[Batch, Batch] | None:

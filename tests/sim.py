@@ -1,0 +1,366 @@
+"""Deterministic simulation of the whole delivery engine, on virtual time.
+
+One seed drives a real `Tracker` (buffer, flusher, sender, ledger, spool, close deadline,
+loop binding) against `SimTransport`, an in-memory transport in front of `ModelServer`, a
+de-duplicating model of the ingestion contract, with a fault schedule drawn from the
+seed: 2xx, 400 on chosen events, 413 over a body limit, 429 with ``Retry-After``, 5xx
+with undecodable bodies (invalid UTF-8, HTML, 100,000-deep JSON), timeouts, resets,
+answers lost after the server stored the batch; and, on the client side, cancelled
+``flush()`` calls, ``aclose()`` cancelled once or twice, short close deadlines, a spool
+replayed by a second tracker, and the tracker's loop torn down without ``aclose()``.
+
+The loop is looptime's: time moves only when every task waits, so a seed runs in
+milliseconds and the same seed always does the same thing. Threads never run.
+
+Checks (`Sim.check_final` and `Sim.check_ledger`):
+
+- after every request and every action: the ledger identity;
+- every ``flush()`` that returned: every event tracked before it is settled;
+- at the end: every tracked event is, on the client's side, in exactly one of delivered
+  (acknowledged with a 2xx), reported to ``on_error``, spooled, or dropped; no event is
+  stored twice by the de-duplicating server (a batch keeps its key); every acknowledged
+  event is stored; what was spooled and replayed is stored exactly once too; nothing is
+  left queued or in flight; no batch was settled twice.
+
+Replay one seed, with the engine's log::
+
+    .venv/bin/python tests/sim.py 1234
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+from collections import Counter
+from typing import Any
+
+import looptime
+import msgspec
+
+from lehnz_async import DeliveryError, RetryPolicy, Tracker
+from lehnz_async._spool import MemorySpool
+from lehnz_async._transport import Response, TransportFailure, read_answer
+
+REQUEST_TIMEOUT = 1.0
+BAD_BODIES = [
+    b"service indisponible, r\xe9essayez",  # a proxy's Latin-1 page
+    b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>nginx</body>\n</html>\n",
+    b'{"error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # deep JSON
+    b"{" * 50_000,
+    b"\x00\xff\xfe" * 1000,
+    b"",
+]
+_decode = msgspec.json.Decoder(list[dict[str, Any]])
+
+
+def replay_command(seed: int) -> str:
+    return f".venv/bin/python tests/sim.py {seed}"
+
+
+class ModelServer:
+    """The ingestion contract, reduced to what delivery needs: de-duplication by key,
+    400 for a batch holding a poison event, 413 over a body limit."""
+
+    def __init__(self, body_limit: int) -> None:
+        self.body_limit = body_limit
+        self.keys: set[str] = set()
+        self.stored: Counter[int] = Counter()
+
+    def handle(self, body: bytes, key: str) -> tuple[int, bytes]:
+        if len(body) > self.body_limit:
+            return 413, b'{"error": "Payload Too Large"}'
+        events = _decode.decode(body)
+        if any((e.get("context") or {}).get("poison") for e in events):
+            return 400, b'{"error": "poison event"}'
+        if key not in self.keys:
+            self.keys.add(key)
+            self.stored.update(e["context"]["id"] for e in events)
+        return 202, b'{"accepted": 1}'
+
+
+class SimTransport:
+    """An in-memory `BatchTransport` that answers through the real `read_answer`."""
+
+    def __init__(self, sim: Sim, faults: dict[str, float]) -> None:
+        self.sim = sim
+        self.faults = faults
+        self.acked: dict[str, list[int]] = {}  # key -> ids, for 2xx answers
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def forget_session(self) -> None:
+        pass
+
+    async def call(self, url: str, body: bytes) -> tuple[int, bytes]:
+        raise TransportFailure("no /recommend in the simulation")
+
+    def _draw(self) -> str:
+        draw = self.sim.rng.random()
+        for kind, p in self.faults.items():
+            if draw < p:
+                return kind
+            draw -= p
+        return "ok"
+
+    async def post(self, body: bytes, idempotency_key: str) -> Response:
+        sim = self.sim
+        sim.check_ledger()
+        self.requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(sim.rng.choice((0.0, 0.001, 0.01, 0.1)))
+            kind = self._draw()
+            if kind == "reset":
+                raise TransportFailure("ServerDisconnectedError: reset")
+            if kind == "timeout":
+                await asyncio.sleep(REQUEST_TIMEOUT)
+                raise TransportFailure(f"no answer within {REQUEST_TIMEOUT} s")
+            if kind == "429":
+                retry_after = str(sim.rng.choice((0, 1, 2, 5)))
+                return read_answer(429, b'{"error": "Too Many Requests"}', retry_after)
+            if kind == "5xx":
+                status = sim.rng.choice((500, 502, 503, 504))
+                return read_answer(status, sim.rng.choice(BAD_BODIES), None)
+            status, payload = sim.server.handle(body, idempotency_key)
+            if kind == "lost":
+                raise TransportFailure("ServerDisconnectedError: the answer was lost")
+            if 200 <= status < 300:
+                ids = [e["context"]["id"] for e in _decode.decode(body)]
+                previous = self.acked.setdefault(idempotency_key, ids)
+                assert previous == ids, f"key {idempotency_key} acked for two bodies"
+            return read_answer(status, payload, None)
+        finally:
+            self.in_flight -= 1
+
+
+class Errors(list[DeliveryError]):
+    def __call__(self, error: DeliveryError) -> None:
+        self.append(error)
+
+
+class Sim:
+    """One seed: the configuration, the schedule, the model and the checks."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.rng = rng = random.Random(seed)
+        self.server = ModelServer(body_limit=rng.choice((400, 2_000, 1_000_000)))
+        p = rng.choice((0.0, 0.05, 0.2, 0.5))
+        weights = {k: rng.random() for k in ("reset", "timeout", "429", "5xx", "lost")}
+        total = sum(weights.values())
+        self.transport = SimTransport(self, {k: p * w / total for k, w in weights.items()})
+        self.spool = MemorySpool() if rng.random() < 0.4 else None
+        self.errors = Errors()
+        self.options: dict[str, Any] = dict(
+            max_batch_size=rng.choice((1, 2, 5, 20, 100)),
+            flush_interval=rng.choice((0.05, 0.5, 2.0)),
+            max_concurrent_requests=rng.choice((1, 2, 4)),
+            max_queue_size=rng.choice((100, 1_000, 100_000)),
+            overflow=rng.choice(("drop_newest", "drop_oldest")),
+            request_timeout=REQUEST_TIMEOUT,
+            retry=RetryPolicy(
+                max_attempts=rng.choice((1, 3, 8)),
+                max_time=rng.choice((1.0, 10.0, 60.0)),
+                base_delay=0.05,
+                max_delay=rng.choice((0.05, 1.0, 10.0)),
+            ),
+            close_timeout=rng.choice((0.5, 3.0, 30.0)),
+            on_error=self.errors,
+        )
+        self.tracker = Tracker._simulated(
+            self.transport, rng=random.Random(seed), spool=self.spool, **self.options
+        )
+        self.next_id = 0
+        self.tracked: list[int] = []
+        self.poison: set[int] = set()
+        self.flushes_checked = 0
+        self.teardowns = 0
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def check_ledger(self) -> None:
+        s = self.tracker.stats
+        assert s.tracked == (
+            s.delivered + s.failed + s.dropped + s.queued + s.in_flight + s.spooled
+        ), s
+        assert min(s) >= 0, s
+
+    def outcomes(self) -> tuple[Counter[int], Counter[int], Counter[int]]:
+        """Ids acknowledged (by key), reported, and now in the spool."""
+        acked: Counter[int] = Counter()
+        for ids in self.transport.acked.values():
+            acked.update(ids)
+        reported = Counter(e.context["id"] for err in self.errors for e in err.events)  # type: ignore[index]
+        spooled: Counter[int] = Counter()
+        if self.spool is not None:
+            for row in self.spool.rows:
+                spooled.update(e["context"]["id"] for e in _decode.decode(row.body))
+        return acked, reported, spooled
+
+    def check_settled(self, ids: list[int]) -> None:
+        """Each of ``ids`` is settled: acknowledged, reported, spooled or dropped."""
+        acked, reported, spooled = self.outcomes()
+        open_ids = [i for i in ids if not (acked[i] or reported[i] or spooled[i])]
+        # what is neither acknowledged, reported nor spooled can only have been dropped
+        # (or be spooled but not committed yet: the ledger counts it at once)
+        s = self.tracker.stats
+        assert len(open_ids) <= s.dropped + s.spooled, (
+            f"flush() returned with {len(open_ids)} event(s) unsettled: {open_ids[:10]}",
+            s,
+        )
+
+    def check_final(self) -> None:
+        s = self.tracker.stats
+        self.check_ledger()
+        assert s.queued == 0 and s.in_flight == 0, s
+        assert self.tracker._ledger.anomalies == 0, "a batch was settled twice"
+        acked, reported, spooled = self.outcomes()
+        twice = {i: n for i, n in self.server.stored.items() if n > 1}
+        assert not twice, f"stored twice (a batch changed its key): {sorted(twice)[:10]}"
+        for name, counter in (
+            ("acknowledged", acked),
+            ("reported", reported),
+            ("spooled", spooled),
+        ):
+            many = [i for i, n in counter.items() if n > 1]
+            assert not many, f"{name} more than once: {many[:10]}"
+        both = (
+            (set(acked) & set(reported))
+            | (set(acked) & set(spooled))
+            | (set(reported) & set(spooled))
+        )
+        assert not both, f"settled two ways: {sorted(both)[:10]}"
+        assert set(acked) <= set(self.server.stored), "acknowledged but not stored"
+        unaccounted = set(self.tracked) - set(acked) - set(reported) - set(spooled)
+        assert len(unaccounted) == s.dropped, (len(unaccounted), s)
+        assert s.delivered == len(acked), (s, len(acked))
+        assert s.failed == len(reported), (s, len(reported))
+        assert s.spooled == len(spooled), (s, len(spooled))
+
+    # -- the schedule ---------------------------------------------------------------------
+
+    def track_some(self, n: int | None = None) -> None:
+        rng = self.rng
+        for _ in range(rng.choice((1, 3, 10, 50, 200)) if n is None else n):
+            i = self.next_id
+            self.next_id += 1
+            context: dict[str, Any] = {"id": i}
+            if rng.random() < 0.01:
+                context["poison"] = True
+                self.poison.add(i)
+            if rng.random() < 0.005:
+                context["bad"] = object()  # unencodable
+            if rng.random() < 0.1:
+                self.tracker.identify(f"usr_{i % 7}", previous_user_id=f"anon_{i}", context=context)
+            else:
+                self.tracker.track(f"usr_{i % 7}", "view", item_id=f"p{i}", context=context)
+            self.tracked.append(i)
+
+    async def flush_once(self) -> None:
+        before = list(self.tracked)
+        if self.rng.random() < 0.3:  # a flush cancelled part way
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.tracker.flush(), self.rng.choice((0.0, 0.01, 1.0)))
+            return
+        await self.tracker.flush()
+        self.check_settled(before)
+        self.flushes_checked += 1
+
+    async def close(self) -> None:
+        rng = self.rng
+        how = rng.choice(("plain", "plain", "wait_for", "cancel", "cancel_twice"))
+        if how == "plain":
+            await self.tracker.aclose()
+        elif how == "wait_for":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.tracker.aclose(), rng.choice((0.001, 0.1, 2.0)))
+        else:
+            task = asyncio.get_running_loop().create_task(self.tracker.aclose())
+            for _ in range(1 if how == "cancel" else 2):
+                await asyncio.sleep(rng.choice((0.0, 0.01, 0.5, 5.0)))
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert self.tracker.closed, f"aclose() ({how}) returned before the tracker closed"
+
+    async def phase(self, steps: int) -> None:
+        rng = self.rng
+        for _ in range(steps):
+            action = rng.random()
+            if action < 0.5:
+                self.track_some()
+            elif action < 0.8:
+                await asyncio.sleep(rng.choice((0.0, 0.01, 0.3, 2.0, 20.0)))
+            else:
+                await self.flush_once()
+            self.check_ledger()
+
+    async def replay_spool(self) -> None:
+        """A second tracker, fault-free, re-sends the spool with the original keys."""
+        if self.spool is None or not self.spool.rows:
+            return
+        self.transport.faults = {}
+        spooled = self.outcomes()[2]
+        again = Tracker._simulated(self.transport, rng=random.Random(0), spool=self.spool)
+        async with again:
+            pass
+        assert not self.spool.rows, "the replay left rows behind"
+        s = again.stats
+        assert s.delivered + s.failed == s.tracked == sum(spooled.values()), s  # failed: poison
+        twice = {i: n for i, n in self.server.stored.items() if n > 1}
+        assert not twice, f"a replayed batch was stored twice: {sorted(twice)[:10]}"
+        assert set(spooled) - self.poison <= set(self.server.stored)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    return looptime.new_event_loop(noop_cycles=1)
+
+
+def _tear_down(loop: asyncio.AbstractEventLoop) -> None:
+    """What asyncio.run() does when its main coroutine returns: cancel every task."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+
+
+def run_seed(seed: int) -> Sim:
+    """Run one seed to the end and check it; raises AssertionError on a violation."""
+    sim = Sim(seed)
+    rng = sim.rng
+    loop = _new_loop()
+    try:
+        if rng.random() < 0.2:  # the loop is torn down without aclose(), then a new one
+            sim.teardowns += 1
+            loop.run_until_complete(asyncio.wait_for(sim.phase(rng.randint(2, 10)), 3600))
+            _tear_down(loop)
+            loop = _new_loop()
+        loop.run_until_complete(asyncio.wait_for(sim.phase(rng.randint(1, 12)), 3600))
+        loop.run_until_complete(asyncio.wait_for(sim.close(), 3600))
+        sim.check_final()
+        loop.run_until_complete(asyncio.wait_for(sim.replay_spool(), 3600))
+    finally:
+        if not loop.is_closed():
+            _tear_down(loop)
+    return sim
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    for arg in sys.argv[1:] or ["0"]:
+        sim = run_seed(int(arg))
+        print(f"seed {arg}: ok, {sim.tracker.stats}, options {sim.options}")
