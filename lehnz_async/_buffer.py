@@ -1,9 +1,10 @@
 """The buffer between `track()` and the flusher: the event queue, its bound, and wake-ups.
 
 `track()` appends to ``events`` directly while ``len(events) < threshold`` (its fast
-path) and calls `Buffer.put` otherwise. The threshold is ``max_batch_size`` while a
-flusher runs (reaching it wakes the flusher), ``max_queue_size`` once the flusher was
-woken, and 0 when no flusher runs, so every unusual case is decided off the hot path.
+path) and calls `Buffer.put` otherwise. The threshold is ``max_batch_size - 1`` while a
+flusher runs (the event that fills a batch wakes the flusher), ``max_queue_size`` once
+the flusher was woken, and 0 when no flusher runs, so every unusual case is decided off
+the hot path.
 
 ``batches`` holds batches that were cut before and wait to be sent again with their own
 bytes and key: those a torn-down loop left in flight. The flusher sends them before it
@@ -73,8 +74,9 @@ class Buffer:
             self.wake()
 
     def open(self) -> None:
-        """A flusher runs, or drained: let track() wake it again when a batch is full."""
-        self.threshold = self._batch_size
+        """A flusher runs, or drained: let track() wake it again when a batch is full
+        (the event that fills it takes the slow path, which wakes the flusher)."""
+        self.threshold = self._batch_size - 1
 
     def shut(self) -> None:
         """No flusher runs: every track() takes the slow path."""

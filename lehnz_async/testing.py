@@ -80,6 +80,8 @@ class Fault:
         process: Handle the request normally first (store its events), then misbehave:
             ``delay`` makes the answer late, ``drop_connection`` loses it; the client
             cannot tell that its events arrived, and a retry is a duplicate.
+        body: Raw bytes to answer instead of a message (a proxy's HTML or Latin-1
+            page, a truncated or 100,000-deep JSON document), as ``text/html``.
     """
 
     status: int = 503
@@ -89,6 +91,7 @@ class Fault:
     drop_connection: bool = False
     plain_text: bool = False
     process: bool = False
+    body: bytes | None = None
 
 
 @dataclasses.dataclass
@@ -129,9 +132,12 @@ class FaultPlan:
         drop_connection: bool = False,
         plain_text: bool = False,
         process: bool = False,
+        body: bytes | None = None,
     ) -> None:
         """Make the next ``n`` ingest requests fail this way (see `Fault`)."""
-        fault = Fault(status, retry_after, message, delay, drop_connection, plain_text, process)
+        fault = Fault(
+            status, retry_after, message, delay, drop_connection, plain_text, process, body
+        )
         self._queued.extend([fault] * n)
 
     def next_fault(self) -> Fault | None:
@@ -340,11 +346,14 @@ class ReferenceServer:
         fault = plan.next_fault()
         if fault is None:
             return self._process(request, record)
-        response = (
-            self._process(request, record)
-            if fault.process
-            else _error(fault.status, fault.message or f"injected {fault.status}", fault.plain_text)
-        )
+        if fault.process:
+            response = self._process(request, record)
+        elif fault.body is not None:
+            response = web.Response(status=fault.status, body=fault.body, content_type="text/html")
+        else:
+            response = _error(
+                fault.status, fault.message or f"injected {fault.status}", fault.plain_text
+            )
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.drop_connection:

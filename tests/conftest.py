@@ -1,8 +1,11 @@
-"""Shared fixtures: a reference server on loopback and a tracker wired to it."""
+"""Shared fixtures and helpers: the reference server (the plugin's own fixture), trackers
+that are closed and checked after each test, and one way to run a Python subprocess."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+import textwrap
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -12,6 +15,9 @@ import pytest
 from lehnz_async import DeliveryError, RetryPolicy, Stats, Tracker
 from lehnz_async.testing import ReferenceServer
 
+#: Retries fast enough for tests over loopback.
+FAST_RETRY = RetryPolicy(base_delay=0.01, max_delay=0.05)
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -19,9 +25,9 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[ReferenceServer]:
-    async with ReferenceServer() as srv:
-        yield srv
+def server(lehnz_server: ReferenceServer) -> ReferenceServer:
+    """The plugin's ``lehnz_server``: a reference server on an ephemeral loopback port."""
+    return lehnz_server
 
 
 class Errors(list[DeliveryError]):
@@ -41,15 +47,25 @@ def errors() -> Errors:
 
 
 @pytest.fixture
-def make_tracker(server: ReferenceServer, errors: Errors) -> Callable[..., Tracker]:
-    """Build trackers pointed at the server, with fast retries; each is checked at the end."""
+async def make_tracker(
+    server: ReferenceServer, errors: Errors
+) -> AsyncIterator[Callable[..., Tracker]]:
+    """Build trackers pointed at the server, with fast retries; after the test each is
+    closed (if the test did not) and its ledger checked: nothing left unsettled."""
+    made: list[Tracker] = []
 
     def make(**options: Any) -> Tracker:
         options.setdefault("on_error", errors)
-        options.setdefault("retry", RetryPolicy(base_delay=0.01, max_delay=0.05))
-        return Tracker(server.api_key, endpoint=server.url, **options)
+        options.setdefault("retry", FAST_RETRY)
+        tracker = Tracker(server.api_key, endpoint=server.url, **options)
+        made.append(tracker)
+        return tracker
 
-    return make
+    yield make
+    for tracker in made:
+        await tracker.aclose()
+        assert_ledger(tracker.stats)
+        assert tracker.stats.queued == tracker.stats.in_flight == 0, tracker.stats
 
 
 def assert_ledger(stats: Stats) -> None:
@@ -62,6 +78,49 @@ def assert_ledger(stats: Stats) -> None:
         + stats.in_flight
         + stats.spooled
     ), stats
+
+
+def track_many(tracker: Tracker, n: int, start: int = 0, **fields: Any) -> None:
+    """Track ``n`` views from users ``usr_<start>`` on."""
+    for i in range(start, start + n):
+        tracker.track(f"usr_{i}", "view", item_id=f"prod_{i % 97}", **fields)
+
+
+def user_ids(server: ReferenceServer) -> list[str]:
+    return [e["user_id"] for e in server.events]
+
+
+async def run_process(
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> tuple[int, str, str]:
+    """Run ``python *args`` without blocking the loop (a server may run on it); the exit
+    code, stdout and stderr. Killed after ``timeout`` seconds."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run a Python program given as source; the exit code and its output (stdout, then
+    stderr)."""
+    code_, out, err = await run_process("-c", textwrap.dedent(code), *args, env=env)
+    return code_, out + err
 
 
 @pytest.fixture

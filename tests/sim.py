@@ -35,7 +35,8 @@ import logging
 import random
 import sys
 from collections import Counter
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import looptime
 import msgspec
@@ -44,6 +45,7 @@ from lehnz_async import DeliveryError, RetryPolicy, Tracker
 from lehnz_async._spool import MemorySpool
 from lehnz_async._transport import Response, TransportFailure, read_answer
 
+T = TypeVar("T")
 REQUEST_TIMEOUT = 1.0
 BAD_BODIES = [
     b"service indisponible, r\xe9essayez",  # a proxy's Latin-1 page
@@ -87,8 +89,13 @@ class SimTransport:
     def __init__(self, sim: Sim, faults: dict[str, float]) -> None:
         self.sim = sim
         self.faults = faults
+        #: kinds to answer before any random draw ("ok", "reset", "429:2", "5xx", ...)
+        self.script: list[str] = []
+        #: (loop time the request started, loop time it was answered, kind), in order
+        self.log: list[tuple[float, float, str]] = []
         self.acked: dict[str, list[int]] = {}  # key -> ids, for 2xx answers
         self.requests = 0
+        self.latency: float | None = None  # fixed, or drawn per request
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -105,6 +112,8 @@ class SimTransport:
         raise TransportFailure("no /recommend in the simulation")
 
     def _draw(self) -> str:
+        if self.script:
+            return self.script.pop(0)
         draw = self.sim.rng.random()
         for kind, p in self.faults.items():
             if draw < p:
@@ -118,16 +127,23 @@ class SimTransport:
         self.requests += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        kind = "?"
         try:
-            await asyncio.sleep(sim.rng.choice((0.0, 0.001, 0.01, 0.1)))
+            await asyncio.sleep(
+                self.latency
+                if self.latency is not None
+                else sim.rng.choice((0.0, 0.001, 0.01, 0.1))
+            )
             kind = self._draw()
             if kind == "reset":
                 raise TransportFailure("ServerDisconnectedError: reset")
             if kind == "timeout":
                 await asyncio.sleep(REQUEST_TIMEOUT)
                 raise TransportFailure(f"no answer within {REQUEST_TIMEOUT} s")
-            if kind == "429":
-                retry_after = str(sim.rng.choice((0, 1, 2, 5)))
+            if kind.startswith("429"):
+                retry_after = kind[4:] or str(sim.rng.choice((0, 1, 2, 5)))
                 return read_answer(429, b'{"error": "Too Many Requests"}', retry_after)
             if kind == "5xx":
                 status = sim.rng.choice((500, 502, 503, 504))
@@ -142,6 +158,7 @@ class SimTransport:
             return read_answer(status, payload, None)
         finally:
             self.in_flight -= 1
+            self.log.append((started, loop.time(), kind))
 
 
 class Errors(list[DeliveryError]):
@@ -250,12 +267,18 @@ class Sim:
 
     # -- the schedule ---------------------------------------------------------------------
 
-    def track_some(self, n: int | None = None) -> None:
+    def track_some(self, n: int | None = None, plain: bool = False) -> None:
+        """Track events with ids from ``next_id`` on; unless ``plain``, a few are poison
+        (the server refuses them), unencodable, or identify events."""
         rng = self.rng
         for _ in range(rng.choice((1, 3, 10, 50, 200)) if n is None else n):
             i = self.next_id
             self.next_id += 1
             context: dict[str, Any] = {"id": i}
+            if plain:
+                self.tracker.track(f"usr_{i % 7}", "view", item_id=f"p{i}", context=context)
+                self.tracked.append(i)
+                continue
             if rng.random() < 0.01:
                 context["poison"] = True
                 self.poison.add(i)
@@ -364,3 +387,27 @@ if __name__ == "__main__":
     for arg in sys.argv[1:] or ["0"]:
         sim = run_seed(int(arg))
         print(f"seed {arg}: ok, {sim.tracker.stats}, options {sim.options}")
+
+
+def scripted(*, spool: MemorySpool | None = None, latency: float = 0.01, **options: Any) -> Sim:
+    """A `Sim` with the given tracker options, no random faults and a fixed latency; give
+    faults through ``sim.transport.script`` or ``sim.transport.faults``."""
+    sim = Sim(0)
+    sim.server = ModelServer(body_limit=1_000_000)
+    sim.transport.faults = {}
+    sim.transport.latency = latency
+    sim.spool = spool
+    sim.options = {"on_error": sim.errors, "request_timeout": REQUEST_TIMEOUT, **options}
+    sim.tracker = Tracker._simulated(
+        sim.transport, rng=random.Random(0), spool=spool, **sim.options
+    )
+    return sim
+
+
+def run_virtual(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main()`` to the end on a fresh virtual-time loop."""
+    loop = _new_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(main(), 36_000))
+    finally:
+        _tear_down(loop)

@@ -18,6 +18,8 @@ import pytest
 from lehnz_async import __version__
 from lehnz_async.testing import ReferenceServer
 
+from .conftest import run_process
+
 TIMEOUT = 60.0  # bound of every wait on a subprocess
 
 
@@ -32,25 +34,9 @@ async def run_cli(
     *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
     """Run ``python -m lehnz_async *args`` without blocking the loop (a server may run on it)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "lehnz_async",
-        *args,
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env if env is not None else cli_env(),
+    return await run_process(
+        "-m", "lehnz_async", *args, stdin=stdin, env=env if env is not None else cli_env()
     )
-    try:
-        with anyio.fail_after(TIMEOUT):
-            out, err = await proc.communicate(stdin)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def jsonl(*lines: object) -> bytes:

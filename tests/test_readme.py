@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from lehnz_async import Tracker
 from lehnz_async.testing import ReferenceServer, assert_tracked
+
+from .conftest import run_python
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 EXAMPLES = dict(
@@ -25,13 +25,9 @@ def test_the_readme_has_its_examples() -> None:
 
 async def run_example(name: str, server: ReferenceServer) -> str:
     env = {**os.environ, "LEHNZ_API_KEY": server.api_key, "LEHNZ_ENDPOINT": server.url}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", EXAMPLES[name], env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, out.decode()
-    return out.decode()
+    code, out = await run_python(EXAMPLES[name], env=env)
+    assert code == 0, out
+    return out
 
 
 @pytest.mark.anyio

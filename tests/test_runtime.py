@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-import textwrap
 import threading
 
 import anyio
@@ -14,12 +12,7 @@ import pytest
 from lehnz_async import BlockingCallError, Tracker
 from lehnz_async.testing import ReferenceServer, assert_tracked
 
-from .conftest import assert_ledger
-
-
-def user_ids(server: ReferenceServer) -> list[str]:
-    return [e["user_id"] for e in server.events]
-
+from .conftest import assert_ledger, run_python, user_ids
 
 # -- threads ----------------------------------------------------------------------------
 
@@ -87,15 +80,6 @@ async def test_blocking_close_on_the_trackers_own_loop_is_refused(
 
 
 # -- process exit and forks (real subprocesses) -----------------------------------------
-
-
-async def run_python(code: str, *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", textwrap.dedent(code), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
 
 
 @pytest.mark.anyio

@@ -26,16 +26,11 @@ from lehnz_async import (
 )
 from lehnz_async.testing import FaultPlan, ReferenceServer
 
-from .conftest import Errors, assert_ledger
+from .conftest import Errors, assert_ledger, track_many
 
 pytestmark = pytest.mark.anyio
 
 MakeTracker = Callable[..., Tracker]
-
-
-def track_many(tracker: Tracker, n: int, start: int = 0, **fields: Any) -> None:
-    for i in range(start, start + n):
-        tracker.track(f"usr_{i}", "view", item_id=f"prod_{i}", **fields)
 
 
 # -- batching ---------------------------------------------------------------------------
