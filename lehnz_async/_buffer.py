@@ -37,6 +37,20 @@ class Buffer:
         ledger: Where drops are counted.
     """
 
+    __slots__ = (
+        "_batch_size",
+        "_drop_oldest",
+        "_drops_since_log",
+        "_last_drop_log",
+        "_ledger",
+        "_max",
+        "append",
+        "batches",
+        "events",
+        "threshold",
+        "wake",
+    )
+
     def __init__(self, config: Config, ledger: Ledger) -> None:
         self.events: deque[Event] = deque()
         self.append = self.events.append

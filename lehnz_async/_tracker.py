@@ -165,6 +165,9 @@ class Tracker:
         spool = None if config.spool_path is None else Spool(config.spool_path)
         self._ledger = ledger = Ledger(config.on_error, spool)
         self._buffer = buffer = Buffer(config, ledger)
+        # the hot path's handles on the buffer (the same deque for the tracker's life)
+        self._events = buffer.events
+        self._append = buffer.append
         self._capture = CaptureTransport() if capture else None
         self._transport: BatchTransport = self._capture or Transport(
             config.endpoint,
@@ -259,7 +262,10 @@ class Tracker:
             family = (
                 STANDARD_FAMILIES[event_name]
                 if event_family is None
+                # a standard name is never "identify"; a custom one with a family may be
                 else FAST_FAMILIES[event_family]
+                if event_name != "identify"
+                else ""
             )
         except (KeyError, TypeError):
             family = ""
@@ -274,8 +280,6 @@ class Tracker:
             or (item_id is not None and item_id.__class__ is not str)
             or (session_id is not None and session_id.__class__ is not str)
             or (recommendation_id is not None and recommendation_id.__class__ is not str)
-            # a standard name never is "identify"; a custom one with a family may be
-            or (event_family is not None and event_name == "identify")
         ):
             event = build_event(
                 user_id,
@@ -290,9 +294,8 @@ class Tracker:
             event = Event(
                 user_id, family, event_name, item_id, session_id, recommendation_id, context
             )
-        buffer = self._buffer
-        if len(buffer.events) < buffer.threshold:
-            buffer.append(event)
+        if len(self._events) < self._buffer.threshold:
+            self._append(event)
         else:
             self._enqueue_slow(event)
 
@@ -350,9 +353,8 @@ class Tracker:
         event = build_event(
             user_id, "identify", None, "system", session_id, None, context, previous_user_id
         )
-        buffer = self._buffer
-        if len(buffer.events) < buffer.threshold:
-            buffer.append(event)
+        if len(self._events) < self._buffer.threshold:
+            self._append(event)
         else:
             self._enqueue_slow(event)
 

@@ -240,7 +240,7 @@ class ReferenceServer:
         app.router.add_post(INGEST_PATH, self._ingest)
         app.router.add_post(RECOMMEND_PATH, self._recommend)
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.1
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)

@@ -27,7 +27,7 @@ async def test_soak_under_mixed_faults_loses_nothing(
 ) -> None:
     """Over real HTTP, short; the 50,000-event soak runs on virtual time
     (test_virtual_time.py)."""
-    n = 10_000
+    n = 5_000
     server.faults = FaultPlan(
         seed=20261126,
         random_faults=[
@@ -183,7 +183,7 @@ async def test_the_close_deadline_spools_what_is_in_flight_and_queued(
     server: ReferenceServer, make_tracker: MakeTracker, errors: Errors, tmp_path: Path
 ) -> None:
     spool = tmp_path / "spool.sqlite3"
-    server.faults.latency = 2.0  # the server stores after this delay: answers come too late
+    server.faults.latency = 0.8  # the server stores after this delay: answers come too late
     tracker = make_tracker(spool_path=spool, max_batch_size=10, max_concurrent_requests=2)
     track_many(tracker, 100)
     await tracker.aclose(timeout=0.3)
