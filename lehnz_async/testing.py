@@ -14,7 +14,9 @@ documentation is silent it chooses, and says so here:
   without storing its events twice, and counted in `ReferenceServer.duplicates`.
 
 A `FaultPlan` makes it misbehave on purpose (statuses with ``Retry-After``, latency,
-dropped connections, rejected events), so a client's tests run over real HTTP.
+dropped connections, rejected events, a proxy's body limit), and `ReferenceServer.outage`
+takes it down for a while (connections refused, or a proxy's ``502``/``503`` page), so a
+client's tests run over real HTTP.
 
 Usage::
 
@@ -30,13 +32,15 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
 import random
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
 import msgspec
 from aiohttp import web
@@ -45,9 +49,12 @@ __all__ = [
     "DEFAULT_TEST_KEY",
     "Fault",
     "FaultPlan",
+    "Outage",
+    "OutageKind",
     "ReferenceServer",
     "RequestRecord",
     "assert_tracked",
+    "nginx_page",
 ]
 
 if TYPE_CHECKING:
@@ -64,6 +71,41 @@ DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 
 FAMILIES = frozenset({"exposure", "engagement", "conversion", "system"})
 _PUBLISHABLE = re.compile(r"lehnz_pk_[A-Za-z0-9_\-]+")
+
+#: How `ReferenceServer.outage` takes the server down: ``"refuse"`` stops listening
+#: (connection attempts are refused at TCP level), ``"502"`` and ``"503"`` answer every
+#: request with a proxy's HTML error page.
+OutageKind = Literal["refuse", "502", "503"]
+_OUTAGE_KINDS = ("refuse", "502", "503")
+_REASONS = {
+    413: "Request Entity Too Large",
+    502: "Bad Gateway",
+    503: "Service Temporarily Unavailable",
+}
+
+
+def nginx_page(status: int) -> bytes:
+    """The HTML error page nginx sends for ``status`` (413, 502 or 503), byte for byte."""
+    title = f"{status} {_REASONS[status]}"
+    return (
+        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+        "</body>\r\n</html>\r\n"
+    ).encode()
+
+
+def _nginx_response(status: int) -> web.Response:
+    return web.Response(status=status, body=nginx_page(status), content_type="text/html")
+
+
+class Outage(NamedTuple):
+    """One outage of a `ReferenceServer`, in the loop's time (``loop.time()``)."""
+
+    kind: OutageKind
+    #: When it began.
+    start: float
+    #: When it ended; None while it lasts.
+    end: float | None
 
 
 @dataclasses.dataclass
@@ -100,7 +142,12 @@ class FaultPlan:
 
     Attributes:
         latency: Seconds added before every answer.
-        max_body_size: Bodies larger than this get 413.
+        max_body_size: Bodies larger than this get 413 (JSON, from the server itself).
+        proxy_body_limit: A proxy's body limit in front of the server (nginx's
+            ``client_max_body_size``): bodies larger than this get nginx's HTML
+            ``413 Request Entity Too Large``, decided from ``Content-Length`` before the
+            body is read when the request has one, else once the bound is passed while
+            reading. None: no proxy.
         reject_event: Called with each event of a valid request; a returned string
             rejects the request with ``400`` and that message (one bad event rejects
             the array, as the contract assumes).
@@ -110,6 +157,7 @@ class FaultPlan:
 
     latency: float = 0.0
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    proxy_body_limit: int | None = None
     reject_event: Callable[[dict[str, Any]], str | None] | None = None
     random_faults: list[tuple[float, Fault]] = dataclasses.field(default_factory=list)
     seed: int | None = None
@@ -159,11 +207,12 @@ class RequestRecord:
 
     #: time.monotonic() when it arrived.
     received_at: float
-    #: The answer's status (0 for a dropped connection).
+    #: The answer's status (0 when the connection was dropped, or cut by an outage,
+    #: before the answer was sent).
     status: int
     #: Events it carried if they were parsed (0 otherwise).
     n_events: int
-    #: The raw body.
+    #: The raw body (empty when it was refused before it was read).
     body: bytes
     headers: dict[str, str]
     #: time.monotonic() when it was answered (or dropped).
@@ -187,6 +236,12 @@ class ReferenceServer:
         host: The address to listen on (loopback by default).
         port: 0 for an ephemeral port.
         log_requests: Log each request at INFO on ``lehnz_async.testing``.
+
+    Outages (`outage`, `restore`, `is_down`, `outages`) take the whole server down for a
+    while, on the loop's clock, so they work on virtual time too::
+
+        await server.outage("refuse", 2.0)  # back by itself 2 s later, on the same port
+        await server.outage("503")          # until `await server.restore()`
     """
 
     def __init__(
@@ -215,10 +270,22 @@ class ReferenceServer:
         self.max_in_flight = 0
         #: recommendation_id -> the item ids it returned.
         self.recommendations: dict[str, list[str]] = {}
+        #: Every outage so far, oldest first; the last one has ``end=None`` while it lasts.
+        self.outages: list[Outage] = []
         self._accepted_keys: set[str] = set()
         self._popularity: collections.Counter[str] = collections.Counter()
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._sites: list[web.BaseSite] = []
+        # while connections are refused: each address listened on, and the socket that
+        # keeps it bound (not listening), or None if it could not be kept
+        self._held: list[tuple[Any, socket.socket | None]] = []
+        self._outage: Outage | None = None
+        self._outage_lock = asyncio.Lock()
+        self._restore_at: asyncio.TimerHandle | None = None
+        self._restoring: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()  # ingest requests in progress
+        self._backlog = 128
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -243,14 +310,27 @@ class ReferenceServer:
             app, access_log=None, handle_signals=False, shutdown_timeout=0.1
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=self._backlog)
         await site.start()
+        self._sites = [site]
         self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
+        """Stop listening and close every connection (an outage in progress ends)."""
+        if self._restore_at is not None:
+            self._restore_at.cancel()
+            self._restore_at = None
+        for task in list(self._restoring):
+            task.cancel()
+        if self._restoring:
+            await asyncio.gather(*self._restoring, return_exceptions=True)
+        self._release_port()
+        if self._outage is not None:
+            self._end_outage_record()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._sites = []
 
     @property
     def base_url(self) -> str:
@@ -276,6 +356,155 @@ class ReferenceServer:
     def revoke(self, key: str) -> None:
         """Answer 401 to ``key`` from now on."""
         self.revoked.add(key)
+
+    # -- outages --------------------------------------------------------------------------
+
+    @property
+    def is_down(self) -> bool:
+        """Whether an outage is in progress."""
+        return self._outage is not None
+
+    async def outage(self, kind: OutageKind, seconds: float | None = None) -> None:
+        """Take the server down now; return at once, with the outage in effect.
+
+        Args:
+            kind: ``"refuse"``: as if the process went away: stop listening, close every
+                open connection, and end the requests in progress unanswered and
+                unprocessed (recorded with status 0); connection attempts are refused at
+                TCP level until the server listens again, on the same port. ``"502"`` or
+                ``"503"``: answer every request (ingest and recommend) with nginx's
+                HTML ``502 Bad Gateway`` or ``503 Service Temporarily Unavailable`` page,
+                like a proxy whose upstream is down.
+            seconds: How long it lasts, on the loop's clock (``loop.time()``, so virtual
+                time moves it too); the server comes back by itself. None: until
+                `restore()`.
+
+        An outage started while another lasts replaces it (the first one ends now).
+        Requests answered during an outage are in `requests` as usual; refused
+        connections never reach the server and are not recorded. Each outage is in
+        `outages` as ``(kind, start, end)``. To wait for the end of a timed outage:
+        ``await server.wait_for(lambda: not server.is_down)``.
+
+        Raises:
+            ValueError: an unknown ``kind``, or a negative ``seconds``.
+            RuntimeError: the server is not started.
+        """
+        if kind not in _OUTAGE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_OUTAGE_KINDS)}, not {kind!r}")
+        if seconds is not None and not seconds >= 0:
+            raise ValueError(f"seconds must be >= 0 or None, not {seconds!r}")
+        if self._runner is None:
+            raise RuntimeError("the server is not started")
+        loop = asyncio.get_running_loop()
+        async with self._outage_lock:
+            previous = self._outage
+            await self._end_outage(record=False)
+            if kind == "refuse":
+                await self._stop_listening()
+            outage = Outage(kind, loop.time(), None)
+            if previous is not None:  # it ends when this one begins
+                self._outage = previous
+                self._end_outage_record(outage.start)
+            self._outage = outage
+            self.outages.append(outage)
+            if seconds is not None:
+                self._restore_at = loop.call_at(outage.start + seconds, self._auto_restore, outage)
+        logger.info("outage (%s) for %s", kind, "ever" if seconds is None else f"{seconds} s")
+        self._notify()
+
+    async def restore(self) -> None:
+        """End the outage in progress, if any: listen again (same port) and answer normally.
+
+        Raises:
+            OSError: the port was taken by another process while connections were refused.
+        """
+        async with self._outage_lock:
+            await self._end_outage()
+        self._notify()
+
+    def _auto_restore(self, outage: Outage) -> None:
+        """The timer of a timed outage: back now (a 502/503 outage at once; a refused port
+        accepts connections at once, and they are served once the server is attached)."""
+        self._restore_at = None
+        if self._outage is not outage:
+            return
+        if outage.kind != "refuse":
+            self._end_outage_record()
+            logger.info("outage (%s) over", outage.kind)
+            self._notify()
+            return
+        for _, sock in self._held:
+            if sock is not None:
+                sock.listen(self._backlog)
+        task = asyncio.get_running_loop().create_task(self._restore_if(outage))
+        self._restoring.add(task)
+        task.add_done_callback(self._restoring.discard)
+
+    async def _restore_if(self, outage: Outage) -> None:
+        async with self._outage_lock:
+            if self._outage is outage:  # not replaced or restored meanwhile
+                await self._end_outage()
+        self._notify()
+
+    async def _end_outage(self, record: bool = True) -> None:
+        """Under the lock: undo the outage in progress, if any (and ``record`` its end)."""
+        if self._restore_at is not None:
+            self._restore_at.cancel()
+            self._restore_at = None
+        outage = self._outage
+        if outage is None:
+            return
+        if outage.kind == "refuse":
+            await self._listen_again()
+        if record:
+            self._end_outage_record()
+        else:
+            self._outage = None
+        logger.info("outage (%s) over", outage.kind)
+
+    def _end_outage_record(self, end: float | None = None) -> None:
+        assert self._outage is not None
+        if end is None:
+            end = asyncio.get_running_loop().time()
+        index = len(self.outages) - 1 - self.outages[::-1].index(self._outage)
+        self.outages[index] = self._outage._replace(end=end)
+        self._outage = None
+
+    async def _stop_listening(self) -> None:
+        """Close the listening sockets, keep the port bound (not listening), and cut
+        every open connection, as if the server process had gone away."""
+        runner = self._runner
+        assert runner is not None
+        addresses = list(runner.addresses)
+        for site in self._sites:
+            await site.stop()
+        self._sites = []
+        for address in addresses:
+            try:
+                self._held.append((address, _hold_port(address)))
+            except OSError:  # taken at once by someone else: try again at restore
+                self._held.append((address, None))
+        if runner.server is not None:
+            for connection in runner.server.connections:
+                connection.force_close()
+        for task in self._handlers:  # requests in progress end unanswered (status 0)
+            task.cancel()
+
+    async def _listen_again(self) -> None:
+        runner = self._runner
+        assert runner is not None
+        while self._held:
+            address, sock = self._held[0]
+            site = web.SockSite(runner, sock or _hold_port(address), backlog=self._backlog)
+            await site.start()  # asyncio calls listen() on the socket
+            self._sites.append(site)
+            del self._held[0]
+
+    def _release_port(self) -> None:
+        for _, sock in self._held:
+            if sock is not None:
+                sock.close()
+        self._held = []
 
     # -- waiting, for tests ---------------------------------------------------------------
 
@@ -322,12 +551,15 @@ class ReferenceServer:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self._notify()
         record = RequestRecord(time.monotonic(), 0, 0, b"", dict(request.headers))
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
-            record.body = await request.read()
             response = await self._answer(request, record)
             record.status = response.status
             return response
         finally:
+            self._handlers.discard(task)
             record.answered_at = time.monotonic()
             self.in_flight -= 1
             self.requests.append(record)
@@ -339,10 +571,21 @@ class ReferenceServer:
 
     async def _answer(self, request: web.Request, record: RequestRecord) -> web.Response:
         plan = self.faults
+        if self._outage is not None and self._outage.kind == "refuse":
+            _abort(request)  # a connection opened before the outage
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):  # too large
+            if body.content_type == "text/html":  # the proxy's answer: the server never saw it
+                return body
+            if plan.latency:
+                await asyncio.sleep(plan.latency)
+            return body
+        record.body = body
+        refused = self._front(request)
+        if refused is not None:
+            return refused
         if plan.latency:
             await asyncio.sleep(plan.latency)
-        if len(record.body) > plan.max_body_size:
-            return _error(413, f"Payload Too Large: the limit is {plan.max_body_size} bytes")
         fault = plan.next_fault()
         if fault is None:
             return self._process(request, record)
@@ -357,12 +600,44 @@ class ReferenceServer:
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.drop_connection:
-            assert request.transport is not None
-            request.transport.abort()
-            raise asyncio.CancelledError  # aiohttp ends the handler quietly
+            _abort(request)
         if fault.retry_after is not None and not fault.process:
             response.headers["Retry-After"] = fault.retry_after
         return response
+
+    def _front(self, request: web.Request) -> web.Response | None:
+        """What stands in front of the server during an outage, once it read the body:
+        nothing (the connection is cut), or a proxy's 502/503 page."""
+        outage = self._outage
+        if outage is None:
+            return None
+        if outage.kind == "refuse":
+            _abort(request)
+        return _nginx_response(int(outage.kind))
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The body, or the 413 answer: the proxy's HTML page over ``proxy_body_limit``,
+        the server's JSON error over ``max_body_size``; decided from ``Content-Length``
+        before reading when there is one, else as soon as the bound is passed."""
+        plan = self.faults
+        proxy, limit = plan.proxy_body_limit, plan.max_body_size
+        length = request.content_length
+        if length is not None:
+            if proxy is not None and length > proxy:
+                return _nginx_response(413)
+            if length > limit:
+                return _too_large(limit)
+        bound = limit if proxy is None else min(limit, proxy)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > bound:  # the rest is read and discarded by aiohttp, then closed
+                if proxy is not None and size > proxy:
+                    return _nginx_response(413)
+                return _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _process(self, request: web.Request, record: RequestRecord) -> web.Response:
         """The contract itself: key rules, de-duplication, validation, storage."""
@@ -402,11 +677,14 @@ class ReferenceServer:
         return web.json_response({"accepted": len(events)}, status=202)
 
     async def _recommend(self, request: web.Request) -> web.Response:
-        refused = self._check_key(request)
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
+        refused = self._front(request) or self._check_key(request)
         if refused is not None:
             return refused
         try:
-            data = _JSON.decode(await request.read())
+            data = _JSON.decode(body)
         except msgspec.DecodeError:
             return _error(400, "Malformed JSON")
         if not isinstance(data, dict) or not isinstance(data.get("user_id"), str):
@@ -420,6 +698,34 @@ class ReferenceServer:
         return web.json_response(
             {"recommendation_id": rec_id, "user_id": data["user_id"], "all_item_ids": items}
         )
+
+
+def _hold_port(address: Any) -> socket.socket:
+    """A socket bound to ``address`` (a sockname), not listening: connection attempts to
+    it are refused, and no one else can take the port meanwhile."""
+    family = socket.AF_INET6 if len(address) == 4 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if os.name == "posix":  # as asyncio does: rebind despite TIME_WAIT connections
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _abort(request: web.BaseRequest) -> NoReturn:
+    """Reset the request's connection and end its handler without an answer."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise asyncio.CancelledError  # aiohttp ends the handler quietly
+
+
+def _too_large(limit: int) -> web.Response:
+    return _error(413, f"Payload Too Large: the limit is {limit} bytes")
 
 
 def _error(status: int, message: str, plain_text: bool = False) -> web.Response:
