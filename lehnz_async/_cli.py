@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -222,13 +223,36 @@ async def _send(source: IO[bytes], endpoint: str, api_key: str | None, timeout: 
     return 0 if bad == 0 and s.delivered == s.tracked else 1
 
 
-async def _serve(host: str, port: int) -> int:
+def _raise_fd_limit(want: int = 4096) -> None:
+    """Let the process hold ``want`` sockets (a soft limit of 1024 is common)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+async def _serve(host: str, port: int, keep: int, client_timeout: float) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still interrupts
             loop.add_signal_handler(signum, stop.set)
-    async with ReferenceServer(host=host, port=port, log_requests=True) as server:
+    _raise_fd_limit()
+    server = ReferenceServer(
+        host=host,
+        port=port,
+        log_requests=True,
+        keep=keep,  # memory stays bounded however long it runs
+        keep_bodies=False,
+        client_timeout=client_timeout,
+    )
+    async with server:
         print(f"listening on {server.url}", flush=True)
         print(f"api key: {server.api_key} (any well-formed lehnz_pk_... key)", flush=True)
         await stop.wait()
@@ -240,6 +264,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
     return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -257,6 +291,20 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the reference ingestion server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080, help="0: any free port")
+    serve.add_argument(
+        "--keep",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="events, requests and Idempotency-Keys remembered (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--client-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="for a request's body, and between requests on a connection (default: %(default)s)",
+    )
     return parser
 
 
@@ -282,7 +330,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return asyncio.run(_demo(args.events, args.seed))
         if serving:
-            return asyncio.run(_serve(args.host, args.port))
+            return asyncio.run(_serve(args.host, args.port, args.keep, args.client_timeout))
         if args.file == "-":
             return asyncio.run(
                 _send(sys.stdin.buffer, args.endpoint, args.api_key, args.close_timeout)

@@ -6,8 +6,17 @@ invalid X-API-KEY``; ``403 Secret keys prohibited on public endpoints``; one eve
 or an array) and ``POST /recommend`` (popularity over what it has ingested). Where the
 documentation is silent it chooses, and says so here:
 
-- a body over ``max_body_size`` bytes (default 1 MiB) gets ``413``;
-- a body that is not JSON, or an array holding a non-object, gets ``400 Malformed JSON``;
+- a body over ``max_body_size`` bytes (default 1 MiB) gets ``413``, decided from
+  ``Content-Length`` before the body is read, or as soon as the bound is passed while a
+  chunked body streams in; a body that has not arrived ``client_timeout`` seconds after
+  its headers gets ``408``;
+- ``Content-Encoding: gzip`` (or ``deflate``) bodies are inflated, at most to
+  ``max_body_size`` bytes (more: ``413``); a corrupt stream gets ``400 Malformed JSON``;
+  other encodings get ``415``;
+- a body that is not JSON (invalid UTF-8 in a string, nesting too deep for the decoder,
+  truncated, ...), or not an event object or an array of them, gets
+  ``400 Malformed JSON``; an event whose ``user_id``, ``event_family`` or ``event_name``
+  is not a non-empty string gets ``400 Missing mandatory fields``; never a ``500``;
 - one bad event rejects the whole array;
 - errors are JSON ``{"error": "<message>"}``; ``202`` answers ``{"accepted": <n>}``;
 - a request whose ``Idempotency-Key`` was already accepted is answered ``202`` again
@@ -38,6 +47,7 @@ import re
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
@@ -68,6 +78,9 @@ DEFAULT_TEST_KEY = "lehnz_pk_test"
 INGEST_PATH = "/api/v1/events/ingest"
 RECOMMEND_PATH = "/recommend"
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+DEFAULT_BACKLOG = 1024
+#: Content-Encoding -> zlib's wbits for it.
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 FAMILIES = frozenset({"exposure", "engagement", "conversion", "system"})
 _PUBLISHABLE = re.compile(r"lehnz_pk_[A-Za-z0-9_\-]+")
@@ -212,7 +225,8 @@ class RequestRecord:
     status: int
     #: Events it carried if they were parsed (0 otherwise).
     n_events: int
-    #: The raw body (empty when it was refused before it was read).
+    #: The raw body, as on the wire (still gzipped if it was); empty when it was refused
+    #: before it was read, or when the server keeps no bodies (``keep_bodies=False``).
     body: bytes
     headers: dict[str, str]
     #: time.monotonic() when it was answered (or dropped).
@@ -236,6 +250,16 @@ class ReferenceServer:
         host: The address to listen on (loopback by default).
         port: 0 for an ephemeral port.
         log_requests: Log each request at INFO on ``lehnz_async.testing``.
+        keep: Hold only the last ``keep`` events and requests (`events`, `requests`),
+            and remember the ``Idempotency-Key`` of only the last ``keep`` accepted
+            requests (least recently seen forgotten first), so that a server that runs
+            for long keeps its memory bounded. None keeps everything (for tests).
+        keep_bodies: Keep each request's raw body in `requests` (``RequestRecord.body``).
+        client_timeout: Seconds a client has to send a request's body once its headers
+            arrived (then ``408``), and to send the next request on an idle
+            keep-alive connection (then the connection is closed). None: no limit.
+        backlog: The listen backlog (connections the kernel completes before the
+            server accepts them).
 
     Outages (`outage`, `restore`, `is_down`, `outages`) take the whole server down for a
     while, on the loop's clock, so they work on virtual time too::
@@ -252,12 +276,23 @@ class ReferenceServer:
         host: str = "127.0.0.1",
         port: int = 0,
         log_requests: bool = False,
+        keep: int | None = None,
+        keep_bodies: bool = True,
+        client_timeout: float | None = None,
+        backlog: int = DEFAULT_BACKLOG,
     ) -> None:
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be a positive int or None, not {keep!r}")
+        if client_timeout is not None and not client_timeout > 0:
+            raise ValueError(f"client_timeout must be > 0 or None, not {client_timeout!r}")
         self.api_keys = api_keys
         self.faults = faults or FaultPlan()
         self.host = host
         self.port = port
         self.log_requests = log_requests
+        self.keep = keep
+        self.keep_bodies = keep_bodies
+        self.client_timeout = client_timeout
         self.revoked: set[str] = set()
         #: Every accepted event, in arrival order, as decoded JSON objects.
         self.events: list[dict[str, Any]] = []
@@ -268,11 +303,12 @@ class ReferenceServer:
         #: Ingest requests being handled right now, and the most at any moment.
         self.in_flight = 0
         self.max_in_flight = 0
-        #: recommendation_id -> the item ids it returned.
-        self.recommendations: dict[str, list[str]] = {}
+        #: recommendation_id -> the item ids it returned (the last ``keep``).
+        self.recommendations: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
         #: Every outage so far, oldest first; the last one has ``end=None`` while it lasts.
         self.outages: list[Outage] = []
-        self._accepted_keys: set[str] = set()
+        # Idempotency-Keys of accepted requests, least recently seen first
+        self._accepted_keys: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._popularity: collections.Counter[str] = collections.Counter()
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -285,7 +321,7 @@ class ReferenceServer:
         self._restore_at: asyncio.TimerHandle | None = None
         self._restoring: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()  # ingest requests in progress
-        self._backlog = 128
+        self._backlog = backlog
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -306,8 +342,16 @@ class ReferenceServer:
         app = web.Application(client_max_size=1024**3)
         app.router.add_post(INGEST_PATH, self._ingest)
         app.router.add_post(RECOMMEND_PATH, self._recommend)
+        options: dict[str, Any] = {}
+        if self.client_timeout is not None:
+            options["keepalive_timeout"] = self.client_timeout
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=0.1
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=0.1,
+            auto_decompress=False,  # inflated here, with a bound
+            **options,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=self._backlog)
@@ -562,7 +606,11 @@ class ReferenceServer:
             self._handlers.discard(task)
             record.answered_at = time.monotonic()
             self.in_flight -= 1
+            if not self.keep_bodies:
+                record.body = b""
             self.requests.append(record)
+            if self.keep is not None and len(self.requests) > self.keep:
+                del self.requests[: -self.keep]
             if self.log_requests:
                 logger.info(
                     "%s %d events -> %s", request.remote, record.n_events, record.status or "drop"
@@ -575,7 +623,7 @@ class ReferenceServer:
             _abort(request)  # a connection opened before the outage
         body = await self._read_body(request)
         if isinstance(body, web.Response):  # too large
-            if body.content_type == "text/html":  # the proxy's answer: the server never saw it
+            if body.content_type == "text/html" or body.status == 408:  # no latency for these
                 return body
             if plan.latency:
                 await asyncio.sleep(plan.latency)
@@ -630,7 +678,26 @@ class ReferenceServer:
         bound = limit if proxy is None else min(limit, proxy)
         chunks: list[bytes] = []
         size = 0
-        while chunk := await request.content.readany():
+        read = request.content.readany
+        timeout = self.client_timeout
+        deadline = 0.0 if timeout is None else asyncio.get_running_loop().time() + timeout
+        while True:
+            if timeout is None:
+                chunk = await read()
+            else:
+                try:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    chunk = await asyncio.wait_for(read(), max(remaining, 0.0))
+                except asyncio.TimeoutError:  # answer, then cut off: no more is awaited
+                    response = _error(408, f"Request Timeout: no body within {timeout} s")
+                    response.force_close()
+                    await response.prepare(request)
+                    await response.write_eof()
+                    if request.transport is not None and request.transport.can_write_eof():
+                        request.transport.write_eof()
+                    return response
+            if not chunk:
+                break
             size += len(chunk)
             if size > bound:  # the rest is read and discarded by aiohttp, then closed
                 if proxy is not None and size > proxy:
@@ -646,33 +713,34 @@ class ReferenceServer:
         if refused is not None:
             return refused
         key = request.headers.get("Idempotency-Key")
-        if key is not None and key in self._accepted_keys:
+        accepted = self._accepted_keys
+        if key is not None and key in accepted:
+            accepted.move_to_end(key)
             self.duplicates += 1
             return web.json_response({"accepted": 0, "duplicate": True}, status=202)
-        try:
-            data = _JSON.decode(record.body)
-        except msgspec.DecodeError:
-            return _error(400, "Malformed JSON")
-        events = data if isinstance(data, list) else [data]
-        for event in events:
-            if not isinstance(event, dict):
-                return _error(400, "Malformed JSON")
-            if not all(
-                isinstance(event.get(f), str) and event[f]
-                for f in ("user_id", "event_family", "event_name")
-            ):
-                return _error(400, "Missing mandatory fields")
-            if event["event_family"] not in FAMILIES:
-                return _error(400, "Invalid event_family")
+        body = _inflate(request, record.body, plan.max_body_size)
+        if isinstance(body, web.Response):
+            return body
+        events = _decode_events(body)
+        if isinstance(events, str):
+            return _error(400, events)
         if plan.reject_event is not None:
             for event in events:
                 reason = plan.reject_event(event)
                 if reason is not None:
                     return _error(400, reason)
+        keep = self.keep
         if key is not None:
-            self._accepted_keys.add(key)
+            accepted[key] = None
+            if keep is not None and len(accepted) > keep:
+                accepted.popitem(last=False)
         self.events.extend(events)
-        self._popularity.update(e["item_id"] for e in events if isinstance(e.get("item_id"), str))
+        if keep is not None and len(self.events) > keep:
+            del self.events[:-keep]
+        popularity = self._popularity
+        popularity.update(e["item_id"] for e in events if isinstance(e.get("item_id"), str))
+        if keep is not None and len(popularity) > 2 * max(keep, 1000):  # the most popular
+            self._popularity = collections.Counter(dict(popularity.most_common(max(keep, 1000))))
         record.n_events = len(events)
         return web.json_response({"accepted": len(events)}, status=202)
 
@@ -685,7 +753,7 @@ class ReferenceServer:
             return refused
         try:
             data = _JSON.decode(body)
-        except msgspec.DecodeError:
+        except (ValueError, RecursionError):  # msgspec.DecodeError, invalid UTF-8, depth
             return _error(400, "Malformed JSON")
         if not isinstance(data, dict) or not isinstance(data.get("user_id"), str):
             return _error(400, "Missing mandatory fields")
@@ -695,6 +763,8 @@ class ReferenceServer:
         items = [item for item, _ in self._popularity.most_common(limit)]
         rec_id = "rec_" + uuid.uuid4().hex[:16]
         self.recommendations[rec_id] = items
+        if self.keep is not None and len(self.recommendations) > self.keep:
+            self.recommendations.popitem(last=False)
         return web.json_response(
             {"recommendation_id": rec_id, "user_id": data["user_id"], "all_item_ids": items}
         )
@@ -722,6 +792,65 @@ def _abort(request: web.BaseRequest) -> NoReturn:
     if request.transport is not None:
         request.transport.abort()
     raise asyncio.CancelledError  # aiohttp ends the handler quietly
+
+
+_MANDATORY = ("user_id", "event_family", "event_name")
+
+
+def _decode_events(body: bytes) -> list[dict[str, Any]] | str:
+    """The events of a body, or the message of the 400 it gets."""
+    try:
+        data = _JSON.decode(body)
+    except (ValueError, RecursionError):  # msgspec.DecodeError, invalid UTF-8, depth
+        return "Malformed JSON"
+    events = data if isinstance(data, list) else [data]
+    for event in events:
+        if not isinstance(event, dict):
+            return "Malformed JSON"
+        for field in _MANDATORY:
+            value = event.get(field)
+            if not value or not isinstance(value, str):
+                return "Missing mandatory fields"
+        if event["event_family"] not in FAMILIES:
+            return "Invalid event_family"
+    return events
+
+
+def _inflate(request: web.BaseRequest, body: bytes, limit: int) -> bytes | web.Response:
+    """The body with its ``Content-Encoding`` undone, at most ``limit`` bytes; or the
+    answer: ``413`` over the limit, ``400 Malformed JSON`` for a corrupt stream, ``415``
+    for an encoding other than gzip or deflate."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    wbits = _ENCODINGS.get(encoding)
+    if wbits is None:
+        return _error(415, f"Unsupported Content-Encoding: {encoding[:40]}")
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while True:  # one stream, or several gzip members one after the other
+            inflater = zlib.decompressobj(wbits)
+            data = body
+            while True:
+                part = inflater.decompress(data, limit - size + 1)
+                size += len(part)
+                if size > limit:
+                    return _too_large(limit)
+                parts.append(part)
+                data = inflater.unconsumed_tail
+                if not data:
+                    break
+            if not inflater.eof:
+                return _error(400, "Malformed JSON")  # truncated
+            body = inflater.unused_data
+            if not body:
+                break
+            if wbits != _ENCODINGS["gzip"]:
+                return _error(400, "Malformed JSON")  # bytes after the stream
+    except zlib.error:
+        return _error(400, "Malformed JSON")
+    return b"".join(parts)
 
 
 def _too_large(limit: int) -> web.Response:
