@@ -50,30 +50,48 @@ def encode(value: Any) -> bytes:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (DEEP, "Malformed JSON"),  # 100,000-deep nesting
-        (
+        pytest.param(DEEP, "Malformed JSON", id="100000-deep"),
+        pytest.param(
             b'[{"user_id": "u", "event_family": "engagement", "event_name": "view", '
             b'"context": ' + DEEP + b"}]",
             "Malformed JSON",
+            id="100000-deep-context",
         ),
-        (
+        pytest.param(
             b'[{"user_id": "u\xff\xfe", "event_family": "engagement", "event_name": "v"}]',
             "Malformed JSON",
-        ),  # invalid UTF-8 inside a string
-        (b"\xef\xbb\xbf" + encode([VIEW]), "Malformed JSON"),  # a BOM is not JSON
-        (b'[{"user_id": "u", "event_family": "engagement", "event_name": "v"', "Malformed JSON"),
-        (b"", "Malformed JSON"),
-        (b"5", "Malformed JSON"),
-        (b'"view"', "Malformed JSON"),
-        (b"null", "Malformed JSON"),
-        (b"[[]]", "Malformed JSON"),
-        (b"1e999", "Malformed JSON"),
-        (encode([event(user_id=5)]), "Missing mandatory fields"),
-        (encode([event(event_name=["view"])]), "Missing mandatory fields"),
-        (encode([event(event_family={"a": 1})]), "Missing mandatory fields"),
-        (encode([event(user_id=None)]), "Missing mandatory fields"),
-        (encode({"user_id": "u", "event_name": "view"}), "Missing mandatory fields"),
-        (encode([VIEW, event(event_family="fun")]), "Invalid event_family"),
+            id="invalid-utf8-in-a-string",
+        ),
+        pytest.param(b"\xef\xbb\xbf" + encode([VIEW]), "Malformed JSON", id="bom"),
+        pytest.param(
+            b'[{"user_id": "u", "event_family": "engagement", "event_name": "v"',
+            "Malformed JSON",
+            id="truncated",
+        ),
+        pytest.param(b"", "Malformed JSON", id="empty"),
+        pytest.param(b"5", "Malformed JSON", id="number"),
+        pytest.param(b'"view"', "Malformed JSON", id="string"),
+        pytest.param(b"null", "Malformed JSON", id="null"),
+        pytest.param(b"[[]]", "Malformed JSON", id="array-of-arrays"),
+        pytest.param(b"1e999", "Malformed JSON", id="huge-number"),
+        pytest.param(encode([event(user_id=5)]), "Missing mandatory fields", id="user_id-a-number"),
+        pytest.param(
+            encode([event(event_name=["view"])]), "Missing mandatory fields", id="name-an-array"
+        ),
+        pytest.param(
+            encode([event(event_family={"a": 1})]),
+            "Missing mandatory fields",
+            id="family-an-object",
+        ),
+        pytest.param(encode([event(user_id=None)]), "Missing mandatory fields", id="user_id-null"),
+        pytest.param(
+            encode({"user_id": "u", "event_name": "view"}),
+            "Missing mandatory fields",
+            id="no-family",
+        ),
+        pytest.param(
+            encode([VIEW, event(event_family="fun")]), "Invalid event_family", id="bad-family"
+        ),
     ],
 )
 async def test_bad_bodies_get_400_with_the_documented_message(
@@ -185,11 +203,11 @@ async def test_gzip_bodies_are_inflated(
 @pytest.mark.parametrize(
     "body",
     [
-        gzip.compress(encode([VIEW]))[:-12],  # truncated
-        b"\x1f\x8b\x08\x00" + b"\x00" * 40,  # a gzip header, then nonsense
-        encode([VIEW]),  # not compressed at all
-        gzip.compress(encode([VIEW])) + b"trailing garbage",
-        gzip.compress(b"\xff\xfe not json"),
+        pytest.param(gzip.compress(encode([VIEW]), mtime=0)[:-12], id="truncated"),
+        pytest.param(b"\x1f\x8b\x08\x00" + b"\x00" * 40, id="header-then-nonsense"),
+        pytest.param(encode([VIEW]), id="not-compressed"),
+        pytest.param(gzip.compress(encode([VIEW]), mtime=0) + b"trailing", id="trailing-bytes"),
+        pytest.param(gzip.compress(b"\xff\xfe not json", mtime=0), id="not-json-inside"),
     ],
 )
 async def test_a_corrupt_gzip_stream_gets_400(
