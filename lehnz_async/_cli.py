@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import io
 import logging
 import math
 import os
@@ -12,14 +14,21 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any, NoReturn
 
 import msgspec
 
 from .__about__ import __version__
 from ._config import DEFAULT_INGEST_URL, DEFAULT_MAX_QUEUE_SIZE, ENDPOINT_ENV
-from ._exceptions import ConfigurationError, DeliveryError, InvalidEventError
+from ._event import Event
+from ._exceptions import (
+    ConfigurationError,
+    DeliveryError,
+    EncodeError,
+    InvalidEventError,
+    RejectedError,
+)
 from ._tracker import Tracker
 from .testing import ReferenceServer
 
@@ -159,17 +168,67 @@ async def _attribution_loop(server: ReferenceServer) -> tuple[list[str], bool]:
     ], ok
 
 
+_decode = msgspec.json.Decoder().decode
+_BOM = b"\xef\xbb\xbf"
+WINDOW = 30_000  # lines tracked and not yet known to be settled, at most (memory bound)
+CHUNK_LINES = 8_192  # lines between two barriers (flush() calls): the checkpoint's step
+CHECKPOINT_SUFFIX = ".lehnz-checkpoint"
+CHECKPOINT_EVERY = 0.5  # seconds between two checkpoint writes, at most one
+
+
+class _Line(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A plain event line, decoded in one step (the fast path of `_send_line`)."""
+
+    user_id: str
+    event_name: str
+    event_family: str | None = None
+    item_id: str | None = None
+    session_id: str | None = None
+    recommendation_id: str | None = None
+    context: dict[str, Any] | None = None
+    previous_user_id: str | None = None
+
+
+_decode_line = msgspec.json.Decoder(_Line).decode
+
+
 def _send_line(tracker: Tracker, raw: bytes) -> str | None:
     """Queue the event of one JSONL line; return why it is bad, or None."""
     try:
-        obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
+        line = _decode_line(raw)
+    except (ValueError, RecursionError):  # not a plain event: `_check_line` says why
+        return _check_line(tracker, raw)
+    if line.previous_user_id is not None or line.event_name == "identify":
+        return _check_line(tracker, raw)
+    try:
+        tracker.track(
+            line.user_id,
+            line.event_name,
+            item_id=line.item_id,
+            event_family=line.event_family,
+            session_id=line.session_id,
+            recommendation_id=line.recommendation_id,
+            context=line.context,
+        )
+    except InvalidEventError as exc:
+        return str(exc)
+    return None
+
+
+def _check_line(tracker: Tracker, raw: bytes) -> str | None:
+    """`_send_line` for any bytes: queue the event, or say what is wrong with the line."""
+    try:
+        obj = _decode(raw)
+    except RecursionError:
+        return "not valid JSON (nested too deeply)"
+    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings
+        return f"not valid JSON (invalid UTF-8: {exc.reason} at byte {exc.start})"
+    except ValueError as exc:  # msgspec.DecodeError
         return f"not valid JSON ({exc})"
-    if not isinstance(obj, dict):
-        return f"not a JSON object but {_JSON_TYPES[type(obj)]}"
-    unknown = sorted(set(obj) - _FIELDS)
-    if unknown:
-        return f"unknown field(s): {', '.join(unknown)}"
+    if obj.__class__ is not dict:
+        return f"not a JSON object but {_JSON_TYPES.get(type(obj), 'something else')}"
+    if not _FIELDS.issuperset(obj):
+        return f"unknown field(s): {', '.join(sorted(set(obj) - _FIELDS))}"
     user_id, name = obj.pop("user_id", None), obj.pop("event_name", None)
     try:
         if name == "identify":
@@ -193,34 +252,400 @@ def _send_line(tracker: Tracker, raw: bytes) -> str | None:
     return None
 
 
-async def _send(source: IO[bytes], endpoint: str, api_key: str | None, timeout: float) -> int:
-    def on_error(error: DeliveryError) -> None:
-        for event in error.events[:3]:
-            _err(f"failed: user_id={event.user_id} event_name={event.event_name}: {error}")
-        if len(error.events) > 3:
-            _err(f"failed: ... and {len(error.events) - 3} more: {error}")
-
-    tracker = Tracker(api_key, endpoint=endpoint, on_error=on_error, close_timeout=timeout)
-    lines = blank = bad = 0
+def _context_key(context: object) -> bytes | None:
+    if context is None:
+        return None
     try:
-        while chunk := await asyncio.to_thread(source.readlines, 1 << 20):
-            for raw in chunk:
-                lines += 1
-                if not raw.strip():
-                    blank += 1
+        return msgspec.json.encode(context)
+    except Exception:  # unencodable: the tracker reports it as an EncodeError
+        return repr(context).encode("utf-8", "backslashreplace")
+
+
+def _event_key(event: Event) -> tuple[object, ...]:
+    """What tells events apart, from a queued `Event` (see `_line_key`)."""
+    return (
+        event.user_id,
+        event.event_name,
+        event.item_id,
+        event.session_id,
+        event.recommendation_id,
+        event.previous_user_id,
+        _context_key(event.context),
+    )
+
+
+def _line_key(obj: dict[str, Any]) -> tuple[object, ...]:
+    """The same as `_event_key`, from the decoded line the event was made of."""
+    return (
+        obj.get("user_id"),
+        obj.get("event_name"),
+        obj.get("item_id"),
+        obj.get("session_id"),
+        obj.get("recommendation_id"),
+        obj.get("previous_user_id"),
+        _context_key(obj.get("context")),
+    )
+
+
+def _ranges(lines: Iterable[int]) -> list[list[int]]:
+    """Sorted line numbers as ``[first, last]`` ranges."""
+    out: list[list[int]] = []
+    for n in sorted(set(lines)):
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return out
+
+
+def _show(ranges: list[list[int]]) -> str:
+    """``line 7`` or ``lines 3-5, 9``."""
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges]
+    if len(parts) == 1 and ranges[0][0] == ranges[0][1]:
+        return f"line {parts[0]}"
+    return "lines " + ", ".join(parts)
+
+
+class _Chunk:
+    """Lines read together, until every event tracked from them is settled."""
+
+    __slots__ = ("first", "index", "last", "lines", "untracked")
+
+    def __init__(self, first: int, lines: list[bytes]) -> None:
+        self.first = first  # the line number of lines[0]
+        self.last = first + len(lines) - 1
+        self.lines = lines
+        self.untracked: set[int] = set()  # blank, bad or skipped lines
+        self.index: dict[tuple[object, ...], list[int]] | None = None
+
+    def take_line(self, key: tuple[object, ...]) -> int | None:
+        """The first line of this chunk not yet taken whose event has this key."""
+        if self.index is None:  # built on the first failure only
+            self.index = {}
+            for i, raw in enumerate(self.lines):
+                n = self.first + i
+                if n in self.untracked:
                     continue
-                reason = _send_line(tracker, raw)
-                if reason is not None:
-                    bad += 1
-                    _err(f"line {lines}: {reason}")
-            if tracker.stats.queued >= DEFAULT_MAX_QUEUE_SIZE // 2:  # never drop: wait
-                await tracker.flush()
+                obj = _decode(raw)  # a line that was tracked: a JSON object
+                self.index.setdefault(_line_key(obj), []).append(n)
+            for numbers in self.index.values():
+                numbers.reverse()  # pop() takes the first
+        found = self.index.get(key)
+        return found.pop() if found else None
+
+
+class _Checkpoint:
+    """How far an import got, in a JSON file written atomically (temp file + rename).
+
+    ``settled``: every line up to it was delivered, reported bad, or is listed in
+    ``resend`` (``[first, last]`` ranges of lines whose events were not delivered for a
+    reason that may pass: server down, retries out of time, key refused, interrupted).
+    ``line``: the contiguous prefix, every line up to it delivered or reported bad.
+    ``--resume`` skips the lines up to ``settled`` except those in ``resend``.
+    """
+
+    def __init__(self, path: str | None, source: str) -> None:
+        self.path = path
+        self.source = source
+        self.settled = 0  # of a previous run
+        self.resend: list[list[int]] = []  # of a previous run
+        self._unwritable = False
+
+    def load(self) -> str | None:
+        """Read the checkpoint of a previous run; an error message, or None."""
+        assert self.path is not None
+        try:
+            with open(self.path, "rb") as file:
+                data = msgspec.json.decode(file.read())
+            settled, resend, source = data["settled"], data["resend"], data["file"]
+            assert isinstance(settled, int) and settled >= 0
+            assert all(isinstance(a, int) and isinstance(b, int) and a <= b for a, b in resend)
+            assert isinstance(source, str)
+        except FileNotFoundError:
+            _err(f"no checkpoint at {self.path}: starting from line 1")
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            return f"unreadable checkpoint {self.path}: {exc or 'unexpected contents'}"
+        if source != self.source:
+            return f"checkpoint {self.path} is for {source}, not {self.source}"
+        self.settled, self.resend = settled, sorted(resend)
+        return None
+
+    def skips(self, chunk: _Chunk) -> set[int] | None:
+        """The lines of ``chunk`` done by a previous run (None: none of them)."""
+        if chunk.first > self.settled:
+            return None
+        last = min(chunk.last, self.settled)
+        done = set(range(chunk.first, last + 1))
+        for a, b in self.resend:
+            if b >= chunk.first and a <= last:
+                done.difference_update(range(max(a, chunk.first), min(b, last) + 1))
+        return done
+
+    def state(self, settled: int, unsent: list[int]) -> tuple[int, int, list[list[int]]]:
+        """``(line, settled, resend)`` once this run settled every line up to
+        ``settled`` and failed to deliver ``unsent``."""
+        old = [[max(a, settled + 1), b] for a, b in self.resend if b > settled]
+        resend = _ranges([*unsent, *(n for a, b in old for n in range(a, b + 1))])
+        settled = max(settled, self.settled)
+        line = resend[0][0] - 1 if resend else settled
+        return line, settled, resend
+
+    def write(self, settled: int, unsent: list[int]) -> None:
+        if self.path is None or self._unwritable:
+            return
+        line, settled, resend = self.state(settled, unsent)
+        data = {"file": self.source, "line": line, "settled": settled, "resend": resend}
+        temp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(temp, "wb") as file:
+                file.write(msgspec.json.encode(data) + b"\n")
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, self.path)
+        except OSError as exc:
+            self._unwritable = True
+            _err(f"lehnz-async: cannot write the checkpoint {self.path}: {exc}")
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+
+
+class _Progress:
+    """Lines read, lines/s and events delivered, drawn on stderr when it is a terminal."""
+
+    def __init__(self, total_bytes: int | None) -> None:
+        self._rich: Any = None
+        if not sys.stderr.isatty():
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:
+            return
+        self._started = time.monotonic()
+        self._rich = Progress(
+            BarColumn(),
+            TextColumn("{task.fields[lines]:>11,} lines"),
+            TextColumn("{task.fields[rate]:>9,.0f} lines/s"),
+            TextColumn("{task.fields[delivered]:>11,} delivered"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self._rich.start()
+        self._task = self._rich.add_task("send", total=total_bytes, lines=0, rate=0.0, delivered=0)
+
+    def update(self, position: int, lines: int, delivered: int) -> None:
+        if self._rich is not None:
+            rate = lines / max(time.monotonic() - self._started, 1e-9)
+            self._rich.update(
+                self._task, completed=position, lines=lines, rate=rate, delivered=delivered
+            )
+
+    def stop(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+
+
+class _Import:
+    """One ``lehnz-async send``: lines in, events tracked, every line accounted for."""
+
+    def __init__(self, tracker_options: dict[str, Any], checkpoint: _Checkpoint) -> None:
+        self.tracker = Tracker(on_error=self._on_error, **tracker_options)
+        self.checkpoint = checkpoint
+        self.lines = self.blank = self.bad = self.skipped = 0
+        self.unsent: list[int] = []  # lines whose events failed for a passing reason
+        self.settled = 0  # every line up to it is settled in this run
+        self.pending: collections.deque[tuple[asyncio.Task[None], _Chunk]] = collections.deque()
+        self.lost_track = False  # an event that could not be traced to its line
+        self.interrupted = asyncio.Event()
+        self.hurried = False
+        self.closing: asyncio.Future[None] | None = None
+        self.position = 0  # bytes read
+        self._written = 0.0
+
+    # -- delivery results --------------------------------------------------------------
+
+    def _on_error(self, error: DeliveryError) -> None:
+        lines: list[int] = []
+        for event in error.events:
+            key = _event_key(event)
+            for _, chunk in self.pending:
+                n = chunk.take_line(key)
+                if n is not None:
+                    lines.append(n)
+                    break
+            else:
+                self.lost_track = True
+        if len(lines) < len(error.events):
+            _err(f"{len(error.events) - len(lines)} event(s) of unknown lines: {error}")
+        if not lines:
+            return
+        if isinstance(error, (RejectedError, EncodeError)):  # the same again would fail
+            _err(f"{_show(_ranges(lines))}: refused: {error}")
+        else:
+            self.unsent.extend(lines)
+            _err(f"{_show(_ranges(lines))}: not delivered (--resume sends them): {error}")
+
+    def _advance(self, _: object = None) -> None:
+        """Drop the chunks whose events are all settled; checkpoint now and then."""
+        pending = self.pending
+        while pending and pending[0][0].done():
+            barrier, chunk = pending.popleft()
+            if barrier.cancelled() or barrier.exception() is not None:
+                self.lost_track = True
+            if not self.lost_track and not self.tracker.stats.dropped:
+                self.settled = chunk.last
+        now = time.monotonic()
+        if now - self._written >= CHECKPOINT_EVERY:
+            self._written = now
+            self.checkpoint.write(self.settled, self.unsent)
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def read(self, source: IO[bytes], progress: _Progress) -> None:
+        tracker = self.tracker
+        loop = asyncio.get_running_loop()
+        interrupted = loop.create_task(self.interrupted.wait())
+        try:
+            while not self.interrupted.is_set():
+                read = await asyncio.to_thread(source.readlines, 1 << 20)
+                if not read:
+                    break
+                self.position += sum(map(len, read))
+                if self.lines == 0 and read[0].startswith(_BOM):
+                    read[0] = read[0][3:]
+                for start in range(0, len(read), CHUNK_LINES):
+                    self._track(read[start : start + CHUNK_LINES])
+                    progress.update(self.position, self.lines, tracker.stats.delivered)
+                    while self.pending and self.lines - self.pending[0][1].first >= WINDOW:
+                        oldest = self.pending[0][0]  # wait for it to settle: memory bound
+                        await asyncio.wait(
+                            {oldest, interrupted}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        if self.interrupted.is_set():
+                            return
+                        self._advance()
+                        progress.update(self.position, self.lines, tracker.stats.delivered)
+        finally:
+            interrupted.cancel()
+
+    def _track(self, raw_lines: list[bytes]) -> None:
+        """Track the events of these lines (the next ones), then put a barrier after them."""
+        tracker = self.tracker
+        chunk = _Chunk(self.lines + 1, raw_lines)
+        untracked = chunk.untracked
+        done = self.checkpoint.skips(chunk)
+        if done:
+            untracked.update(done)
+            self.skipped += len(done)
+        n = self.lines
+        if done is not None and len(done) == len(raw_lines):  # all done by a previous run
+            raw_lines = []
+            n = chunk.last
+        for raw in raw_lines:
+            n += 1
+            if done and n in done:
+                continue
+            if not raw.strip():
+                self.blank += 1
+                untracked.add(n)
+                continue
+            reason = _send_line(tracker, raw)
+            if reason is not None:
+                self.bad += 1
+                untracked.add(n)
+                _err(f"line {n}: {reason}")
+        self.lines = n
+        barrier = asyncio.get_running_loop().create_task(tracker.flush())
+        self.pending.append((barrier, chunk))
+        barrier.add_done_callback(self._advance)
+
+    # -- Ctrl-C ------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """First Ctrl-C: stop reading, deliver what was read. Second: stop now."""
+        if not self.interrupted.is_set():
+            self.interrupted.set()
+            _err("lehnz-async: interrupted: sending what was read (Ctrl-C again: stop now)")
+        elif not self.hurried:
+            self.hurried = True
+            _err("lehnz-async: stopping now")
+            if self.closing is not None:
+                # aclose() holds a first cancellation until its deadline; a second one
+                # makes it settle what is left at once (reported, then re-sent on --resume)
+                self.closing.cancel()
+                asyncio.get_running_loop().call_soon(self.closing.cancel)
+
+    async def close(self, timeout: float, progress: _Progress) -> None:
+        """Settle everything tracked (within ``timeout``, or now if hurried)."""
+        tracker = self.tracker
+        self.closing = closing = asyncio.ensure_future(
+            tracker.aclose(timeout=0.0 if self.hurried else timeout)
+        )
+        while not closing.done():
+            await asyncio.wait({closing}, timeout=0.1)  # a redraw interval, not a sync
+            progress.update(self.position, self.lines, tracker.stats.delivered)
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing  # cancelled only by a second Ctrl-C, which the close obeyed
+        for barrier, _ in self.pending:
+            if not barrier.done():  # a closed tracker settled everything
+                barrier.cancel()
+        self.pending.clear()
+        if not self.lost_track and not tracker.stats.dropped:
+            self.settled = self.lines
+        self.checkpoint.write(self.settled, self.unsent)
+
+
+async def _send(
+    source: IO[bytes],
+    tracker_options: dict[str, Any],
+    timeout: float,
+    checkpoint: _Checkpoint,
+    resume: bool,
+) -> int:
+    if resume:
+        problem = checkpoint.load()
+        if problem is not None:
+            _err(f"lehnz-async: error: {problem}")
+            return 2
+    job = _Import(tracker_options, checkpoint)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows, not main thread
+        loop.add_signal_handler(signal.SIGINT, job.interrupt)
+    try:
+        size = os.fstat(source.fileno()).st_size
+    except (OSError, ValueError, io.UnsupportedOperation):
+        size = 0
+    progress = _Progress(size or None)
+    try:
+        try:
+            await job.read(source, progress)
+        finally:
+            await job.close(timeout, progress)
     finally:
-        await tracker.aclose()
-    s = tracker.stats
-    print(f"read {lines} lines: {s.tracked} events, {bad} bad, {blank} blank")
+        progress.stop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
+    s = job.tracker.stats
+    line, _, resend = checkpoint.state(job.settled, job.unsent)
+    skipped = f" ({job.skipped} done before, skipped)" if job.skipped else ""
+    print(f"read {job.lines} lines{skipped}: {s.tracked} events, {job.bad} bad, {job.blank} blank")
     print(f"delivered {s.delivered} of {s.tracked} (failed {s.failed}, dropped {s.dropped})")
-    return 0 if bad == 0 and s.delivered == s.tracked else 1
+    where = f"; checkpoint {checkpoint.path}" if checkpoint.path else ""
+    print(f"done up to line {line} of {job.lines}{where}")
+    again = "--resume" if checkpoint.path else "--checkpoint PATH (none was written)"
+    if resend:
+        undelivered = sum(b - a + 1 for a, b in resend)
+        print(f"{undelivered} line(s) not delivered: {again} sends them again")
+    if job.interrupted.is_set():
+        print(f"interrupted: {again} continues after line {line}")
+    if job.lost_track:
+        print("warning: some events could not be traced to their lines; the checkpoint stopped")
+    if job.interrupted.is_set():
+        return 130
+    complete = job.bad == 0 and s.delivered == s.tracked and not resend
+    return 0 if complete else 1
 
 
 def _raise_fd_limit(want: int = 4096) -> None:
@@ -288,6 +713,17 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--endpoint", default=os.environ.get(ENDPOINT_ENV) or DEFAULT_INGEST_URL)
     send.add_argument("--api-key", default=None, help="default: $LEHNZ_API_KEY")
     send.add_argument("--close-timeout", type=float, default=30.0, metavar="SECONDS")
+    send.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help=f"where to record how far the import got (default: FILE{CHECKPOINT_SUFFIX}; "
+        "none for stdin)",
+    )
+    send.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the lines a previous run delivered (or reported bad), per the checkpoint",
+    )
     serve = commands.add_parser("serve", help="run the reference ingestion server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080, help="0: any free port")
@@ -331,12 +767,24 @@ def run(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_demo(args.events, args.seed))
         if serving:
             return asyncio.run(_serve(args.host, args.port, args.keep, args.client_timeout))
+        options = {
+            "api_key": args.api_key,
+            "endpoint": args.endpoint,
+            "close_timeout": args.close_timeout,
+        }
         if args.file == "-":
+            if args.resume and args.checkpoint is None:
+                _err("lehnz-async: error: --resume needs --checkpoint PATH when reading stdin")
+                return 2
+            checkpoint = _Checkpoint(args.checkpoint, "-")
             return asyncio.run(
-                _send(sys.stdin.buffer, args.endpoint, args.api_key, args.close_timeout)
+                _send(sys.stdin.buffer, options, args.close_timeout, checkpoint, args.resume)
             )
         with open(args.file, "rb") as source:
-            return asyncio.run(_send(source, args.endpoint, args.api_key, args.close_timeout))
+            checkpoint = _Checkpoint(
+                args.checkpoint or args.file + CHECKPOINT_SUFFIX, os.path.abspath(args.file)
+            )
+            return asyncio.run(_send(source, options, args.close_timeout, checkpoint, args.resume))
     except (ConfigurationError, OSError) as exc:
         _err(f"lehnz-async: error: {exc}")
         return 2

@@ -188,8 +188,9 @@ async def test_send_counts_events_the_server_refuses(tmp_path: Path) -> None:
         )
         assert server.events == []
     assert code == 1
-    assert "failed: user_id=usr_1 event_name=view: the API key was refused" in err
+    assert "lines 1-4: not delivered (--resume sends them): the API key was refused" in err
     assert "delivered 0 of 4 (failed 4, dropped 0)" in out
+    assert "done up to line 0 of 4" in out
 
 
 @pytest.mark.anyio
