@@ -22,6 +22,17 @@ from typing import NamedTuple
 
 from ._event import Event, encoder
 
+#: Bytes an event is reckoned to take in memory beyond its JSON: measured with
+#: ``/proc/self/status`` over 200,000 events (410 B in memory for 129 B of JSON) and
+#: 20,000 events with 10 KB contexts (10,480 B for 10,123 B).
+EVENT_OVERHEAD = 300
+
+
+def memory_size(body_size: int, n: int) -> int:
+    """What a batch of ``n`` events and a ``body_size``-byte body holds in memory: the
+    events (their JSON size plus the overhead of the objects) and the body."""
+    return 2 * body_size + EVENT_OVERHEAD * n
+
 
 def new_key() -> str:
     """A fresh Idempotency-Key: 128 random bits, like a uuid4, for a fifth of the cost."""
@@ -38,6 +49,10 @@ class Batch:
         root: The sequence number of the first event of the batch this one was cut as
             (halves keep their parent's), the ledger's handle on it.
         spool_id: The spool row it was read back from, if any.
+        n: How many events it holds (also while spilled).
+        mem: The bytes it is reckoned to hold in memory (its events and its body).
+        spill_row: The spool row it was spilled to during an outage, while its events and
+            body are on disk only (``events`` is then empty).
         attempts: Requests made for it so far.
         first_attempt: Loop time of its first request (for the retry time budget).
         settled: Set by the ledger when its fate is decided; never unset.
@@ -49,8 +64,11 @@ class Batch:
         "events",
         "first_attempt",
         "key",
+        "mem",
+        "n",
         "root",
         "settled",
+        "spill_row",
         "spool_id",
     )
 
@@ -67,12 +85,15 @@ class Batch:
         self.key = key
         self.root = root
         self.spool_id = spool_id
+        self.n = len(events)
+        self.mem = memory_size(len(body), self.n)
+        self.spill_row: int | None = None
         self.attempts = 0
         self.first_attempt: float | None = None
         self.settled = False
 
     def __len__(self) -> int:
-        return len(self.events)
+        return self.n
 
     def split(self) -> tuple[Batch, Batch]:
         """The two halves, each re-encoded, with keys derived from this batch's key.
@@ -81,10 +102,14 @@ class Batch:
         """
         half = len(self.events) // 2
         first, second = self.events[:half], self.events[half:]
-        return (
+        halves = (
             Batch(first, encoder.encode(first), f"{self.key}.0", self.root, self.spool_id),
             Batch(second, encoder.encode(second), f"{self.key}.1", self.root, self.spool_id),
         )
+        # the ledger counted this batch's memory once: the halves share it out
+        halves[0].mem = self.mem * half // len(self.events)
+        halves[1].mem = self.mem - halves[0].mem
+        return halves
 
     def __repr__(self) -> str:
         return f"<Batch {len(self.events)} events key={self.key} root={self.root}>"

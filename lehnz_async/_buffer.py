@@ -13,14 +13,15 @@ cuts anything new.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 
-from ._batch import Batch
+from ._batch import EVENT_OVERHEAD, Batch
 from ._config import Config
-from ._event import Event
+from ._event import Event, encoder
 from ._ledger import Ledger
 
 logger = logging.getLogger("lehnz_async")
@@ -44,8 +45,10 @@ class Buffer:
         "_last_drop_log",
         "_ledger",
         "_max",
+        "_max_bytes",
         "append",
         "batches",
+        "event_bytes",
         "events",
         "threshold",
         "wake",
@@ -60,44 +63,79 @@ class Buffer:
         self.wake: Callable[[], None] = lambda: None
         self._ledger = ledger
         self._max = config.max_queue_size
+        self._max_bytes = config.max_buffer_bytes
         self._batch_size = config.max_batch_size
         self._drop_oldest = config.overflow == "drop_oldest"
         self._last_drop_log = -_DROP_LOG_INTERVAL
         self._drops_since_log = 0
+        #: bytes one queued event is reckoned to hold in memory (see `observe`)
+        self.event_bytes = 0.0
 
     def __len__(self) -> int:
         return len(self.events)
 
+    def observe(self, body_size: int, n: int) -> None:
+        """Learn the size of events from a batch (or one event) just encoded."""
+        per_event = body_size / n + EVENT_OVERHEAD
+        self.event_bytes = (
+            per_event if not self.event_bytes else (0.8 * self.event_bytes + 0.2 * per_event)
+        )
+
+    def limit(self) -> int:
+        """How many events may wait now: ``max_queue_size``, or fewer where the byte
+        budget, less what batches in flight hold, allows fewer."""
+        if not self.event_bytes:
+            return self._max
+        room = (self._max_bytes - self._ledger.held_bytes) / self.event_bytes
+        return max(0, min(self._max, int(room)))
+
+    @property
+    def queued_bytes(self) -> int:
+        return int(len(self.events) * self.event_bytes)
+
     def put(self, event: Event, running: bool) -> None:
-        """track()'s slow path, any thread: apply the overflow policy, wake the flusher
-        if a batch is ready and ``running``."""
+        """track()'s slow path, any thread: apply the bounds and the overflow policy, wake
+        the flusher if a batch is ready and ``running``.
+
+        It runs at least once every ``max_batch_size`` events, and then measures the event
+        at hand, so that the byte budget holds even for a producer that never yields.
+        """
         events = self.events
-        if len(events) >= self._max:
+        if running or not self.event_bytes:
+            with contextlib.suppress(Exception):  # unencodable: reported when it is cut
+                self.observe(len(encoder.encode(event)), 1)
+        limit = self.limit()
+        if len(events) >= limit:
+            reason = "max_queue_size" if limit >= self._max else "max_buffer_bytes"
             if not self._drop_oldest:
-                self._dropped(taken=False)
+                self._dropped(taken=False, reason=reason)
                 return
             try:
                 events.popleft()
             except IndexError:  # emptied by the flusher meanwhile (another thread)
                 pass
             else:
-                self._dropped(taken=True)
+                self._dropped(taken=True, reason=reason)
         events.append(event)
-        if running and len(events) >= self._batch_size:
-            self.threshold = self._max
-            self.wake()
+        if running:
+            n = len(events)
+            if n >= self._batch_size:
+                self.threshold = min(limit, n + self._batch_size)  # look again a batch on
+                self.wake()
+            else:
+                self.threshold = min(limit, self._batch_size - 1)
 
     def open(self) -> None:
         """A flusher runs, or drained: let track() wake it again when a batch is full
         (the event that fills it takes the slow path, which wakes the flusher)."""
-        self.threshold = self._batch_size - 1
+        self.threshold = min(self.limit(), len(self.events) + self._batch_size - 1)
 
     def shut(self) -> None:
         """No flusher runs: every track() takes the slow path."""
         self.threshold = 0
 
-    def _dropped(self, taken: bool) -> None:
-        total = self._ledger.drop(1, taken=taken)
+    def _dropped(self, taken: bool, reason: str) -> None:
+        total = self._ledger.drop(1, taken=taken, reason=reason)
         self._drops_since_log += 1
         now = time.monotonic()
         if now - self._last_drop_log < _DROP_LOG_INTERVAL:
@@ -105,8 +143,11 @@ class Buffer:
         dropped, self._drops_since_log = self._drops_since_log, 0
         self._last_drop_log = now
         logger.warning(
-            "queue full (max_queue_size=%d): dropped %d event(s) since the last warning, %d in all",
+            "buffer full (%s: max_queue_size=%d, max_buffer_bytes=%d): dropped %d event(s) "
+            "since the last warning, %d in all",
+            reason,
             self._max,
+            self._max_bytes,
             dropped,
             total,
         )

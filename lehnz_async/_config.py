@@ -31,7 +31,14 @@ DEFAULT_MAX_BATCH_BYTES = 512 * 1024  # half of nginx's default 1 MiB client_max
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_CONCURRENT_REQUESTS = 4
 DEFAULT_REQUEST_TIMEOUT = 10.0
-DEFAULT_MAX_QUEUE_SIZE = 100_000
+DEFAULT_MAX_QUEUE_SIZE = 1_000_000  # a guard; the byte budget is the usual bound
+# 128 MiB: 5 minutes at 500 events/s of ~400-byte events is 60 MB, with room to spare;
+# 12,000 events with 10 KB contexts
+DEFAULT_MAX_BUFFER_BYTES = 128 * 1024 * 1024
+DEFAULT_MAX_SPOOL_BYTES = 1024 * 1024 * 1024  # disk is cheaper than memory
+DEFAULT_MAX_EVENT_AGE: float | None = None  # off: see the README (Outages)
+DEFAULT_OUTAGE_GRACE = 2.0  # a passing blip is retried; two seconds of failures is an outage
+DEFAULT_PROBE_MAX_DELAY = 10.0  # at most 10 s between the end of an outage and noticing it
 DEFAULT_RECOMMEND_CONNECTIONS = 4  # the recommender's own pool, apart from the uploads'
 # RetryPolicy's defaults
 DEFAULT_MAX_ATTEMPTS = 8
@@ -120,6 +127,11 @@ class Config:
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES
+    max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES
+    max_event_age: float | None = DEFAULT_MAX_EVENT_AGE
+    outage_grace: float | None = DEFAULT_OUTAGE_GRACE
+    probe_max_delay: float = DEFAULT_PROBE_MAX_DELAY
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT
     overflow: str = DEFAULT_OVERFLOW
@@ -140,6 +152,8 @@ class Config:
             "max_batch_bytes",
             "max_concurrent_requests",
             "max_queue_size",
+            "max_buffer_bytes",
+            "max_spool_bytes",
             "attribution_max_users",
         ):
             positive_int(name, getattr(self, name))
@@ -148,6 +162,7 @@ class Config:
             "request_timeout",
             "close_timeout",
             "exit_timeout",
+            "probe_max_delay",
         ):
             positive_float(name, getattr(self, name))
         if self.max_queue_size < self.max_batch_size:
@@ -155,8 +170,9 @@ class Config:
                 f"max_queue_size ({self.max_queue_size}) must be at least "
                 f"max_batch_size ({self.max_batch_size})"
             )
-        if self.attribution_ttl is not None:
-            positive_float("attribution_ttl", self.attribution_ttl)
+        for name in ("attribution_ttl", "max_event_age", "outage_grace"):
+            if getattr(self, name) is not None:
+                positive_float(name, getattr(self, name))
         if self.overflow not in OVERFLOW_POLICIES:
             raise ConfigurationError(
                 f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {self.overflow!r} "

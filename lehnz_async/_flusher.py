@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 
 import anyio
 import msgspec
@@ -29,7 +30,8 @@ from ._buffer import Buffer
 from ._config import Config
 from ._event import Event
 from ._exceptions import EncodeError, ShutdownError
-from ._ledger import Ledger, shutdown_error
+from ._health import Destination
+from ._ledger import Fate, Ledger, shutdown_error
 from ._sender import Sender
 from ._spool import SpooledBatch
 from ._transport import BatchTransport
@@ -50,6 +52,7 @@ class Flusher:
         transport: Where batches go.
         rng: Backoff jitter.
         replay_spool: Whether this run first re-sends what the spool holds.
+        destination: The endpoint's health (outages, the body size learnt from 413).
     """
 
     def __init__(
@@ -60,13 +63,19 @@ class Flusher:
         transport: BatchTransport,
         rng: random.Random,
         replay_spool: bool,
+        destination: Destination,
     ) -> None:
         self._config = config
         self._buffer = buffer
         self._ledger = ledger
         self._transport = transport
         self._replay_spool = replay_spool and ledger.spool is not None
-        self.sender = Sender(transport, ledger, config.retry, config.max_concurrent_requests, rng)
+        self.sender = Sender(
+            transport, ledger, config.retry, config.max_concurrent_requests, rng, destination
+        )
+        self.sender.restore = self._restore
+        # (sequence number reached, loop time) at each tick, for max_event_age
+        self._marks: deque[tuple[int, float]] = deque()
         #: set by track() when a batch is full, and by flush() and close()
         self.wake = asyncio.Event()
         #: set whenever batches leave the queue (atrack() waits on it)
@@ -91,7 +100,7 @@ class Flusher:
             spool = self._ledger.spool
             rows = await spool.load() if spool is not None and self._replay_spool else []
             async with anyio.create_task_group() as tg:
-                self.sender.bind(lambda: tg.start_soon(self.sender.worker))
+                self.sender.bind(tg.start_soon)
                 await self._replay(rows)
                 await self._flush_loop()
                 self.sender.stop()
@@ -117,12 +126,15 @@ class Flusher:
         await self._ledger.wait_settled(target)
 
     async def wait_for_room(self) -> None:
-        """Return once the queue is below ``max_queue_size`` (or the flusher stops)."""
-        limit = self._config.max_queue_size
-        while len(self._buffer.events) >= limit and not self.closing and not self.done.is_set():
+        """Return once the queue is below its bound, ``max_queue_size`` or what the byte
+        budget allows (or the flusher stops)."""
+        buffer = self._buffer
+        while len(buffer.events) >= buffer.limit() and not self.closing and not self.done.is_set():
             self.room.clear()
             self.wake.set()
-            await self.room.wait()
+            # room comes when batches are cut or settled; look again at least each tick
+            with anyio.move_on_after(self._config.flush_interval):
+                await self.room.wait()
 
     async def close(self, deadline: float, task: asyncio.Task[None]) -> None:
         """Drain and stop; at ``deadline`` seconds (or on `hurry`), give up what is
@@ -150,13 +162,17 @@ class Flusher:
     async def _flush_loop(self) -> None:
         config, buffer, sender = self._config, self._buffer, self.sender
         events, waiting = buffer.events, buffer.batches
+        destination = sender.destination
         loop = asyncio.get_running_loop()
         interval = config.flush_interval
         next_tick = loop.time() + interval
         while True:
+            # in an outage, and while parked batches drain after one, look every 0.1 s
+            poll = destination.outage or bool(sender.parked)
             idle = len(events) < config.max_batch_size and not self._drain_requested
-            if idle and not waiting and not self.closing:
-                with anyio.move_on_after(next_tick - loop.time()):
+            if poll or (idle and not waiting and not self.closing):
+                timeout = next_tick - loop.time()
+                with anyio.move_on_after(min(timeout, 0.1) if poll else timeout):
                     await self.wake.wait()
             self.wake.clear()
             now = loop.time()
@@ -164,12 +180,21 @@ class Flusher:
             if now >= next_tick:
                 drain = True
                 next_tick = now + interval
+                self._marks.append((self._ledger.taken + len(events), now))
+                if config.max_event_age is not None:
+                    self._expire(now - config.max_event_age)
+            if destination.outage:
+                await self._hold()
+                continue
             self._drain_requested = False
             while waiting:
                 await sender.slots.acquire()
                 sender.submit(waiting.popleft())
             while events and (drain or len(events) >= config.max_batch_size):
                 await sender.slots.acquire()  # cut only when a slot is free: fuller batches
+                if destination.outage:
+                    sender.slots.release()
+                    break
                 batch = self._cut()
                 if batch is None:
                     sender.slots.release()
@@ -179,14 +204,71 @@ class Flusher:
             self._ledger.release_waiters(all_=False)  # if only unencodable events were taken
             if not self.closing:
                 buffer.open()
-            elif not events and not waiting:
+            elif not events and not waiting and not sender.parked:
                 return  # closing and drained; the workers finish what is handed over
+
+    async def _hold(self) -> None:
+        """In an outage: cut nothing, but hand the prober a batch if it has none, and
+        spill the oldest events to the spool (if there is one) before memory runs out."""
+        sender, buffer = self.sender, self._buffer
+        if sender.wants_probe_batch:
+            if buffer.batches:
+                sender.park(buffer.batches.popleft())
+            elif (batch := self._cut()) is not None:
+                sender.park(batch)
+        spool = self._ledger.spool
+        if spool is not None:
+            while len(buffer.events) > max(self._config.max_batch_size, buffer.limit() // 2):
+                if await spool.size() >= self._config.max_spool_bytes:
+                    break
+                batch = self._cut()
+                if batch is None:
+                    break
+                row = await spool.write(batch)
+                self._ledger.spilled(batch, row)
+                batch.events, batch.body = [], b""
+                sender.park(batch)
+        self.room.set()
+        buffer.open()
+
+    async def _restore(self, batch: Batch) -> None:
+        """Read a batch spilled during an outage back from the spool, to send it."""
+        spool = self._ledger.spool
+        assert spool is not None and batch.spill_row is not None
+        body = await spool.read(batch.spill_row)
+        if body is None:
+            raise LookupError(f"spool row {batch.spill_row} of {batch!r} is gone")
+        batch.events, batch.body = _spool_decoder.decode(body), body
+        self._ledger.restored(batch)
+
+    def _expire(self, cutoff: float) -> None:
+        """Drop what was tracked before ``cutoff`` (loop time), counted as dropped for
+        ``max_event_age``: from the queue, and batches waiting out an outage."""
+        marks = self._marks
+        while len(marks) >= 2 and marks[1][1] <= cutoff:
+            marks.popleft()
+        if not marks or marks[0][1] > cutoff:
+            return
+        old = marks[0][0]  # every event numbered below this was tracked before cutoff
+        ledger, events = self._ledger, self._buffer.events
+        n = min(len(events), old - ledger.taken)
+        if n > 0:
+            for _ in range(n):
+                events.popleft()
+            ledger.drop(n, taken=True, reason="max_event_age")
+        for batch in [b for b in self.sender.parked if b.root + b.n <= old]:
+            self.sender.parked.remove(batch)
+            ledger.settle(batch, Fate.DROPPED, reason="max_event_age")
 
     def _cut(self) -> Batch | None:
         """Cut the next batch off the queue and open it in the ledger; None once the
         queue is empty. Events that cannot be encoded are reported here."""
         config, ledger = self._config, self._ledger
-        while cut := _batch.cut(self._buffer.events, config.max_batch_size, config.max_batch_bytes):
+        max_bytes = config.max_batch_bytes
+        learnt = self.sender.destination.body_limit
+        if learnt is not None:
+            max_bytes = min(max_bytes, learnt)
+        while cut := _batch.cut(self._buffer.events, config.max_batch_size, max_bytes):
             for event, reason in cut.unencodable:
                 ledger.fail_taken(
                     [event], EncodeError(f"the event could not be encoded: {reason}", [event])
@@ -194,6 +276,7 @@ class Flusher:
             if cut.events:
                 batch = Batch(cut.events, cut.body, new_key(), -1)
                 ledger.open(batch)
+                self._buffer.observe(len(cut.body), len(cut.events))
                 return batch
         return None
 
@@ -208,7 +291,7 @@ class Flusher:
                 logger.error(
                     "dropping unreadable spool row %d (%d events): %s", row.id, row.events, exc
                 )
-                self._ledger.drop(row.events, taken=False)
+                self._ledger.drop(row.events, taken=False, reason="unreadable_spool_row")
                 self._ledger.spool.remove(row.id)  # type: ignore[union-attr]
                 continue
             await self.sender.slots.acquire()

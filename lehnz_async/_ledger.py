@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from ._batch import memory_size
 from ._exceptions import AuthenticationError, DeliveryError, ShutdownError
 from ._spool import SpoolWriteError
 from ._stats import Stats
@@ -42,6 +43,7 @@ class Fate(enum.Enum):
     DELIVERED = "delivered"
     FAILED = "failed"  # reported to on_error
     SPOOLED = "spooled"  # written to the spool, to be sent by a later tracker
+    DROPPED = "dropped"  # counted with a reason (older than max_event_age)
 
 
 class Ledger:
@@ -70,6 +72,13 @@ class Ledger:
         self.batches = 0
         self.requests = 0
         self.retries = 0
+        #: dropped events by reason
+        self.drops: dict[str, int] = {}
+        #: bytes held in memory by open batches (see `memory_size`); spilled ones hold none
+        self.held_bytes = 0
+        #: outages so far, and whether one is under way
+        self.outages = 0
+        self.in_outage = False
         #: settle() calls for a batch already settled: a bug if ever non-zero
         self.anomalies = 0
         # root sequence number -> [events still unsettled, spool row or None]; in
@@ -88,18 +97,26 @@ class Ledger:
     def open(self, batch: Batch, spool_id: int | None = None) -> None:
         """Count ``batch`` (just cut, or read back from the spool) as taken and in flight,
         and give it its sequence number."""
-        n = len(batch.events)
+        n = batch.n
         with self._lock:
             batch.root = self.taken
             self.taken += n
             self.in_flight += n
             self.batches += 1
+            self.held_bytes += batch.mem
             self._open[batch.root] = [n, spool_id]
 
-    def settle(self, batch: Batch, fate: Fate, error: DeliveryError | None = None) -> None:
+    def settle(
+        self,
+        batch: Batch,
+        fate: Fate,
+        error: DeliveryError | None = None,
+        reason: str = "",
+    ) -> None:
         """Decide ``batch``'s fate; the only place that does. ``error`` goes with FAILED
-        (reported to on_error) and SPOOLED (logged)."""
-        n = len(batch.events)
+        (reported to on_error) and SPOOLED (logged); ``reason`` with DROPPED."""
+        n = batch.n
+        spilled = batch.spill_row is not None
         with self._lock:
             if batch.settled:
                 self.anomalies += 1
@@ -108,13 +125,19 @@ class Ledger:
                 anomaly = False
                 batch.settled = True
                 self.in_flight -= n
+                self.held_bytes -= batch.mem
                 if fate is Fate.DELIVERED:
                     self.delivered += n
                 elif fate is Fate.SPOOLED:
                     self.spooled += n
+                elif fate is Fate.DROPPED:
+                    self.dropped += n
+                    self.drops[reason] = self.drops.get(reason, 0) + n
                 else:
                     self.failed += n
                 entry = self._open[batch.root]
+                if fate is Fate.SPOOLED and spilled:
+                    entry[1] = None  # its spill row is its spool row now: keep it
                 remaining = entry[0]
                 assert remaining is not None
                 entry[0] = remaining - n
@@ -125,9 +148,11 @@ class Ledger:
             logger.error("internal error: %r was settled twice (as %s)", batch, fate.value)
             return
         spool = self.spool
-        if fate is Fate.SPOOLED:
+        if fate is Fate.SPOOLED and not spilled:
             assert spool is not None
             spool.add(batch)
+        if fate is Fate.SPOOLED:
+            assert spool is not None
             logger.log(
                 logging.DEBUG if self._spool_logged else logging.WARNING,
                 "%d event(s) spooled to %s (%s); they are re-sent when a tracker next starts",
@@ -162,16 +187,40 @@ class Ledger:
             self.failed += len(error.events)
         self.report(error)
 
-    def drop(self, n: int, *, taken: bool) -> int:
-        """Count ``n`` events dropped for want of room; ``taken`` when they were popped off
-        the queue (drop_oldest), not refused at the door (drop_newest). The total."""
+    def drop(self, n: int, *, taken: bool, reason: str) -> int:
+        """Count ``n`` events dropped for ``reason``; ``taken`` when they were popped off
+        the queue (drop_oldest, too old), not refused at the door (drop_newest). The
+        total dropped."""
         with self._lock:
             if taken:
                 self.taken += n
             else:
                 self.discarded += n
             self.dropped += n
+            self.drops[reason] = self.drops.get(reason, 0) + n
             return self.dropped
+
+    def spilled(self, batch: Batch, row_id: int) -> None:
+        """``batch`` was written to the spool during an outage and let go of in memory;
+        it is still in flight, and its row goes when it is settled."""
+        with self._lock:
+            self.held_bytes -= batch.mem
+            batch.mem = 0
+            batch.spill_row = row_id
+            self._open[batch.root][1] = row_id
+
+    def restored(self, batch: Batch) -> None:
+        """A spilled batch was read back into memory to be sent."""
+        with self._lock:
+            batch.mem = memory_size(len(batch.body), batch.n)
+            self.held_bytes += batch.mem
+
+    def outage(self, started: bool) -> None:
+        """An outage began (counted) or ended."""
+        with self._lock:
+            self.in_outage = started
+            if started:
+                self.outages += 1
 
     def attempt(self, retry: bool) -> None:
         """Count one request."""
@@ -221,8 +270,9 @@ class Ledger:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def stats(self, queued: int) -> Stats:
-        """A snapshot that adds up, with ``queued`` events waiting in the queue."""
+    def stats(self, queued: int, queued_bytes: int = 0) -> Stats:
+        """A snapshot that adds up, with ``queued`` events (reckoned at ``queued_bytes``
+        in memory) waiting in the queue."""
         with self._lock:
             return Stats(
                 tracked=self.taken + queued + self.discarded,
@@ -235,6 +285,10 @@ class Ledger:
                 batches=self.batches,
                 requests=self.requests,
                 retries=self.retries,
+                state="outage" if self.in_outage else "healthy",
+                outages=self.outages,
+                backlog_bytes=self.held_bytes + queued_bytes,
+                drops=dict(self.drops),
             )
 
     def settled_before(self, target: int) -> bool:

@@ -102,6 +102,18 @@ class Spool:
         """Every spooled batch, oldest first."""
         return await self._run(self._load)
 
+    async def write(self, batch: Batch) -> int:
+        """Write ``batch`` now (spilling it during an outage); its row id."""
+        return await self._run(self._write, batch.key, batch.n, batch.body)
+
+    async def read(self, row_id: int) -> bytes | None:
+        """The body of row ``row_id``, or None if it is gone."""
+        return await self._run(self._read, row_id)
+
+    async def size(self) -> int:
+        """Bytes of bodies the spool holds."""
+        return await self._run(self._size)
+
     # -- blocking, off the loop -----------------------------------------------------------
 
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
@@ -127,6 +139,36 @@ class Spool:
         finally:
             conn.close()
         return [SpooledBatch(int(i), str(k), int(n), bytes(b)) for i, k, n, b in rows]
+
+    def _write(self, key: str, n: int, body: bytes) -> int:
+        conn = self._connect()
+        try:
+            with conn:
+                cursor = conn.execute(
+                    "INSERT INTO batches (created_at, idempotency_key, events, body) "
+                    "VALUES (?, ?, ?, ?)",
+                    (time.time(), key, n, body),
+                )
+                assert cursor.lastrowid is not None
+                return cursor.lastrowid
+        finally:
+            conn.close()
+
+    def _read(self, row_id: int) -> bytes | None:
+        conn = self._connect()
+        try:
+            row = conn.execute("SELECT body FROM batches WHERE id = ?", (row_id,)).fetchone()
+        finally:
+            conn.close()
+        return None if row is None else bytes(row[0])
+
+    def _size(self) -> int:
+        conn = self._connect()
+        try:
+            (size,) = conn.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM batches").fetchone()
+        finally:
+            conn.close()
+        return int(size)
 
     def _commit(self, add: list[tuple[str, int, bytes]], remove: list[int]) -> None:
         conn = self._connect()
@@ -158,6 +200,17 @@ class MemorySpool(Spool):
 
     def _load(self) -> list[SpooledBatch]:
         return list(self.rows)
+
+    def _write(self, key: str, n: int, body: bytes) -> int:
+        self.rows.append(SpooledBatch(self._next_id, key, n, body))
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _read(self, row_id: int) -> bytes | None:
+        return next((row.body for row in self.rows if row.id == row_id), None)
+
+    def _size(self) -> int:
+        return sum(len(row.body) for row in self.rows)
 
     def _commit(self, add: list[tuple[str, int, bytes]], remove: list[int]) -> None:
         gone = set(remove)

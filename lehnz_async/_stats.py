@@ -9,7 +9,8 @@ class Stats(NamedTuple):
     """A snapshot of a tracker's counters.
 
     At every moment
-    ``tracked == delivered + failed + dropped + queued + in_flight + spooled``.
+    ``tracked == delivered + failed + dropped + queued + in_flight + spooled``; the
+    backlog is ``queued + in_flight`` events.
     """
 
     #: Events accepted by track()/identify() (invalid calls raise and are not counted),
@@ -33,3 +34,13 @@ class Stats(NamedTuple):
     requests: int
     #: Requests that were retries of an earlier failed attempt.
     retries: int
+    #: "healthy", or "outage" while the ingestion endpoint is failing (see the README).
+    state: str = "healthy"
+    #: Outages so far.
+    outages: int = 0
+    #: Bytes the queued and in-flight events are reckoned to hold in memory (what
+    #: ``max_buffer_bytes`` bounds); batches spilled to the spool hold none.
+    backlog_bytes: int = 0
+    #: Dropped events by reason: ``max_queue_size``, ``max_buffer_bytes``,
+    #: ``max_event_age``, ``max_spool_bytes``, ``unreadable_spool_row``.
+    drops: dict[str, int] = {}  # noqa: RUF012 - a NamedTuple default, never mutated

@@ -32,9 +32,14 @@ from ._config import (
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BUFFER_BYTES,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_EVENT_AGE,
     DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_MAX_SPOOL_BYTES,
+    DEFAULT_OUTAGE_GRACE,
     DEFAULT_OVERFLOW,
+    DEFAULT_PROBE_MAX_DELAY,
     DEFAULT_RECOMMEND_CONNECTIONS,
     DEFAULT_REQUEST_TIMEOUT,
     Config,
@@ -45,6 +50,7 @@ from ._config import (
 from ._event import FAST_FAMILIES, STANDARD_FAMILIES, Event, build_event
 from ._exceptions import InvalidEventError, LehnzError, ShutdownError, TrackerClosedError
 from ._flusher import Flusher
+from ._health import Destination
 from ._ledger import Ledger
 from ._recommend import (
     Attribution,
@@ -90,6 +96,8 @@ class Tracker:
             logged and ignored.
         max_batch_bytes: Most bytes in one POST body (a single larger event is sent alone).
         max_queue_size: Most events waiting; further ones are dropped (counted, logged).
+        max_buffer_bytes: Most bytes the queued and in-flight events may hold in memory
+            (reckoned from their encoded size); beyond it, the overflow policy drops.
         retry: How retryable failures are retried (`RetryPolicy`: attempts, time,
             backoff).
         close_timeout: Default deadline of `aclose()`, in seconds.
@@ -101,6 +109,13 @@ class Tracker:
         spool_path: A SQLite file for batches not delivered in time (retries ran out on
             a retryable failure, or the close deadline passed); they are re-sent, oldest
             first, when a tracker with the same ``spool_path`` next starts.
+        max_spool_bytes: Most bytes of batch bodies the spool file may hold.
+        max_event_age: Seconds after which an event still unsent is dropped (counted);
+            None (the default) keeps events while the byte budget holds them.
+        outage_grace: Seconds a streak of retryable failures may last before the tracker
+            treats the endpoint as down (outage mode: hold events, probe, no batch gives
+            up); None turns outage mode off.
+        probe_max_delay: Most seconds between two probes during an outage.
         session: An `aiohttp.ClientSession` to use instead of the tracker's own; the
             tracker never closes it.
         capture: Record batches in memory instead of sending them, for tests: see
@@ -131,11 +146,16 @@ class Tracker:
         on_error: OnError | None = None,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         retry: RetryPolicy | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
         overflow: str = DEFAULT_OVERFLOW,
         spool_path: str | os.PathLike[str] | None = None,
+        max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
+        max_event_age: float | None = DEFAULT_MAX_EVENT_AGE,
+        outage_grace: float | None = DEFAULT_OUTAGE_GRACE,
+        probe_max_delay: float = DEFAULT_PROBE_MAX_DELAY,
         session: aiohttp.ClientSession | None = None,
         capture: bool = False,
         recommend_endpoint: str | None = None,
@@ -154,6 +174,11 @@ class Tracker:
             max_concurrent_requests=max_concurrent_requests,
             request_timeout=request_timeout,
             max_queue_size=max_queue_size,
+            max_buffer_bytes=max_buffer_bytes,
+            max_spool_bytes=max_spool_bytes,
+            max_event_age=max_event_age,
+            outage_grace=outage_grace,
+            probe_max_delay=probe_max_delay,
             close_timeout=close_timeout,
             exit_timeout=exit_timeout,
             overflow=overflow,
@@ -177,6 +202,7 @@ class Tracker:
             session,
         )
         self._rng = random.Random()
+        self._destination = Destination(config.outage_grace, config.probe_max_delay, ledger)
         attribution = None
         if config.attribution_ttl is not None:
             attribution = Attribution(config.attribution_ttl, config.attribution_max_users)
@@ -206,7 +232,13 @@ class Tracker:
 
     def _make_flusher(self, replay_spool: bool) -> Flusher:
         return Flusher(
-            self._config, self._buffer, self._ledger, self._transport, self._rng, replay_spool
+            self._config,
+            self._buffer,
+            self._ledger,
+            self._transport,
+            self._rng,
+            replay_spool,
+            self._destination,
         )
 
     def _forget_sessions(self) -> None:
@@ -543,7 +575,8 @@ class Tracker:
     @property
     def stats(self) -> Stats:
         """A snapshot of the counters (see `Stats`); it adds up, from any thread."""
-        return self._ledger.stats(len(self._buffer.events))
+        buffer = self._buffer
+        return self._ledger.stats(len(buffer.events), buffer.queued_bytes)
 
     @property
     def captured(self) -> list[Event]:

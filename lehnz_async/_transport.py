@@ -35,7 +35,13 @@ class Response(NamedTuple):
 
 
 class TransportFailure(Exception):
-    """No usable answer: a timeout, a refused or dropped connection."""
+    """No usable answer: a timeout, a refused or dropped connection (retryable); or,
+    when ``permanent``, a failure that retrying cannot mend: a certificate that does not
+    verify, an answer that is not HTTP."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 #: Bytes of an error body read at most; the rest is never read (a proxy's 10 MB page).
@@ -187,6 +193,16 @@ class Transport:
                 return resp.status, payload, resp.headers.get("Retry-After")
         except asyncio.TimeoutError as exc:
             raise TransportFailure(f"no answer within {self._timeout.total} s") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TransportFailure(
+                f"the TLS certificate of {url} does not verify: {exc}", permanent=True
+            ) from exc
+        except aiohttp.ClientHttpProxyError as exc:  # a proxy's answer: maybe passing
+            raise TransportFailure(f"the proxy answered {exc.status}: {exc.message}") from exc
+        except aiohttp.ClientResponseError as exc:  # the parser's: not an HTTP answer
+            raise TransportFailure(
+                f"{url} did not answer in HTTP: {type(exc).__name__}: {exc}", permanent=True
+            ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc
 

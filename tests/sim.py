@@ -96,6 +96,9 @@ class SimTransport:
         self.acked: dict[str, list[int]] = {}  # key -> ids, for 2xx answers
         self.requests = 0
         self.latency: float | None = None  # fixed, or drawn per request
+        #: an outage: every request fails this way until this loop time
+        self.down_until = 0.0
+        self.down_kind = "reset"
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -114,6 +117,8 @@ class SimTransport:
     def _draw(self) -> str:
         if self.script:
             return self.script.pop(0)
+        if asyncio.get_running_loop().time() < self.down_until:
+            return self.down_kind
         draw = self.sim.rng.random()
         for kind, p in self.faults.items():
             if draw < p:
@@ -193,6 +198,11 @@ class Sim:
                 max_delay=rng.choice((0.05, 1.0, 10.0)),
             ),
             close_timeout=rng.choice((0.5, 3.0, 30.0)),
+            max_buffer_bytes=rng.choice((20_000, 200_000, 128 * 1024 * 1024)),
+            max_spool_bytes=rng.choice((5_000, 1_000_000)),
+            max_event_age=rng.choice((None, None, 5.0, 60.0)),
+            outage_grace=rng.choice((None, 0.5, 2.0)),
+            probe_max_delay=rng.choice((1.0, 10.0)),
             on_error=self.errors,
         )
         self.tracker = Tracker._simulated(
@@ -211,7 +221,7 @@ class Sim:
         assert s.tracked == (
             s.delivered + s.failed + s.dropped + s.queued + s.in_flight + s.spooled
         ), s
-        assert min(s) >= 0, s
+        assert min(s[:10]) >= 0 and s.backlog_bytes >= 0, s
 
     def outcomes(self) -> tuple[Counter[int], Counter[int], Counter[int]]:
         """Ids acknowledged (by key), reported, and now in the spool."""
@@ -321,8 +331,14 @@ class Sim:
         rng = self.rng
         for _ in range(steps):
             action = rng.random()
-            if action < 0.5:
+            if action < 0.45:
                 self.track_some()
+            elif action < 0.5:
+                transport = self.transport
+                transport.down_kind = rng.choice(("reset", "5xx", "timeout"))
+                transport.down_until = asyncio.get_running_loop().time() + rng.choice(
+                    (1.0, 10.0, 60.0)
+                )
             elif action < 0.8:
                 await asyncio.sleep(rng.choice((0.0, 0.01, 0.3, 2.0, 20.0)))
             else:
@@ -334,6 +350,7 @@ class Sim:
         if self.spool is None or not self.spool.rows:
             return
         self.transport.faults = {}
+        self.transport.down_until = 0.0
         spooled = self.outcomes()[2]
         again = Tracker._simulated(self.transport, rng=random.Random(0), spool=self.spool)
         async with again:

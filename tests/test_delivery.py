@@ -248,7 +248,8 @@ async def test_without_a_spool_exhausted_retries_are_reported(
 ) -> None:
     server.faults.random_faults = [(1.0, Fault(500))]
     async with make_tracker(
-        retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05)
+        retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05),
+        outage_grace=None,  # outage mode off: the retry policy alone decides
     ) as tracker:
         track_many(tracker, 3)
     (error,) = errors

@@ -73,7 +73,7 @@ async def test_an_undecodable_error_body_is_reported_in_one_short_line(
 ) -> None:
     server.faults.fail_next(1, 503, body=body)
     caplog.set_level(logging.DEBUG, logger="lehnz_async")
-    async with make_tracker(retry=RetryPolicy(max_attempts=1)) as tracker:
+    async with make_tracker(retry=RetryPolicy(max_attempts=1), outage_grace=None) as tracker:
         track_many(tracker, 20)
         await tracker.flush()  # returns: the batch is settled, not stranded
     (error,) = errors

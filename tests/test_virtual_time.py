@@ -64,7 +64,7 @@ def test_backoff_waits_within_the_policy_ceilings() -> None:
 
 def test_a_batch_gives_up_when_its_time_budget_runs_out() -> None:
     policy = RetryPolicy(max_attempts=1000, max_time=5.0, base_delay=1.0, max_delay=1.0)
-    sim = scripted(retry=policy, latency=0.0)
+    sim = scripted(retry=policy, latency=0.0, outage_grace=None)
     sim.transport.faults = {"5xx": 1.0}
 
     async def main() -> None:
