@@ -48,7 +48,8 @@ class Batch:
         key: The Idempotency-Key, the same on every attempt, re-queue and replay.
         root: The sequence number of the first event of the batch this one was cut as
             (halves keep their parent's), the ledger's handle on it.
-        spool_id: The spool row it was read back from, if any.
+        spool_id: The spool row it is a copy of, if it was read back whole from the spool
+            (its halves are not).
         n: How many events it holds (also while spilled).
         mem: The bytes it is reckoned to hold in memory (its events and its body).
         spill_row: The spool row it was spilled to during an outage, while its events and
@@ -103,8 +104,8 @@ class Batch:
         half = len(self.events) // 2
         first, second = self.events[:half], self.events[half:]
         halves = (
-            Batch(first, encoder.encode(first), f"{self.key}.0", self.root, self.spool_id),
-            Batch(second, encoder.encode(second), f"{self.key}.1", self.root, self.spool_id),
+            Batch(first, encoder.encode(first), f"{self.key}.0", self.root),
+            Batch(second, encoder.encode(second), f"{self.key}.1", self.root),
         )
         # the ledger counted this batch's memory once: the halves share it out
         halves[0].mem = self.mem * half // len(self.events)

@@ -45,7 +45,9 @@ class Buffer:
         "_last_drop_log",
         "_ledger",
         "_max",
+        "_max_batch_bytes",
         "_max_bytes",
+        "_workers",
         "append",
         "batches",
         "event_bytes",
@@ -64,6 +66,8 @@ class Buffer:
         self._ledger = ledger
         self._max = config.max_queue_size
         self._max_bytes = config.max_buffer_bytes
+        self._max_batch_bytes = config.max_batch_bytes
+        self._workers = config.max_concurrent_requests
         self._batch_size = config.max_batch_size
         self._drop_oldest = config.overflow == "drop_oldest"
         self._last_drop_log = -_DROP_LOG_INTERVAL
@@ -86,8 +90,11 @@ class Buffer:
         budget, less what batches in flight hold, allows fewer."""
         if not self.event_bytes:
             return self._max
-        room = (self._max_bytes - self._ledger.held_bytes) / self.event_bytes
-        return max(0, min(self._max, int(room)))
+        # cutting a batch adds its body to what its events held: keep room for the
+        # bodies of the batches that may be in flight
+        body = min(self._max_batch_bytes, self._batch_size * (self.event_bytes - EVENT_OVERHEAD))
+        room = self._max_bytes - self._ledger.held_bytes - self._workers * body
+        return max(0, min(self._max, int(room / self.event_bytes)))
 
     @property
     def queued_bytes(self) -> int:

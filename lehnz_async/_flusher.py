@@ -216,18 +216,29 @@ class Flusher:
                 sender.park(buffer.batches.popleft())
             elif (batch := self._cut()) is not None:
                 sender.park(batch)
-        spool = self._ledger.spool
-        if spool is not None:
-            while len(buffer.events) > max(self._config.max_batch_size, buffer.limit() // 2):
-                if await spool.size() >= self._config.max_spool_bytes:
+        spool, ledger = self._ledger.spool, self._ledger
+        budget = self._config.max_buffer_bytes
+        while spool is not None and ledger.held_bytes + buffer.queued_bytes > budget // 2:
+            # memory is filling: write the newest batch held in memory to disk (the
+            # oldest stays, to probe with), else cut one off the queue and write that
+            held = [b for b in sender.parked[1:] if b.spill_row is None]
+            if held:
+                batch = held[-1]
+            elif len(buffer.events) > self._config.max_batch_size:
+                cut = self._cut()
+                if cut is None:
                     break
-                batch = self._cut()
-                if batch is None:
-                    break
+                sender.park(batch := cut)
+            else:
+                break
+            if batch.spool_id is not None:
+                row = batch.spool_id  # read back from the spool whole: its row is there
+            elif await spool.size() + len(batch.body) > self._config.max_spool_bytes:
+                break  # the spool is full too: the overflow policy decides
+            else:
                 row = await spool.write(batch)
-                self._ledger.spilled(batch, row)
-                batch.events, batch.body = [], b""
-                sender.park(batch)
+            ledger.spilled(batch, row)
+            batch.events, batch.body = [], b""
         self.room.set()
         buffer.open()
 

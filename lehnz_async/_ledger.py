@@ -136,8 +136,8 @@ class Ledger:
                 else:
                     self.failed += n
                 entry = self._open[batch.root]
-                if fate is Fate.SPOOLED and spilled:
-                    entry[1] = None  # its spill row is its spool row now: keep it
+                if fate is Fate.SPOOLED and spilled and entry[1] == batch.spill_row:
+                    entry[1] = None  # a replayed row, spooled again as it is: it stays
                 remaining = entry[0]
                 assert remaining is not None
                 entry[0] = remaining - n
@@ -163,6 +163,9 @@ class Ledger:
             self._spool_logged = True
         if closed_row is not None and spool is not None:
             spool.remove(closed_row)
+        if spilled and fate is not Fate.SPOOLED and spool is not None:
+            assert batch.spill_row is not None
+            spool.remove(batch.spill_row)  # settled: its copy on disk goes (if SPOOLED, stays)
         if fate is Fate.FAILED:
             assert error is not None
             self.report(error)
@@ -207,7 +210,13 @@ class Ledger:
             self.held_bytes -= batch.mem
             batch.mem = 0
             batch.spill_row = row_id
-            self._open[batch.root][1] = row_id
+
+    def unspill(self, batch: Batch) -> None:
+        """A batch read back from its spill row is being split: the halves are in memory
+        only, and the row goes."""
+        if batch.spill_row is not None and self.spool is not None:
+            self.spool.remove(batch.spill_row)
+            batch.spill_row = None
 
     def restored(self, batch: Batch) -> None:
         """A spilled batch was read back into memory to be sent."""

@@ -309,6 +309,7 @@ class Sender:
             dest.too_large(len(part.body))
         if status in (400, 413) and n > 1:
             logger.debug("%s for %d events; splitting", failure, n)
+            ledger.unspill(part)
             return part.split()
         kind: type[DeliveryError]
         if status in (401, 403):

@@ -153,6 +153,7 @@ async def test_exhausted_retries_go_to_the_spool_and_are_resent_on_next_start(
     spool = tmp_path / "spool.sqlite3"
     server.faults.random_faults = [(1.0, Fault(503))]
     tracker = make_tracker(
+        outage_grace=None,  # outage mode off: retries run out and spool, as in 0.1
         spool_path=spool,
         retry=RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.05),
         max_batch_size=10,
@@ -205,7 +206,8 @@ from lehnz_async import RetryPolicy, Tracker
 
 async def main(url, key, path, n):
     retry = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.05)
-    tracker = Tracker(key, endpoint=url, spool_path=path, retry=retry, close_timeout=5)
+    tracker = Tracker(key, endpoint=url, spool_path=path, retry=retry, close_timeout=5,
+                      outage_grace=None)  # retries run out and spool, as in 0.1
     async with tracker:
         for i in range(n):
             tracker.track(f"usr_{i}", "view")
