@@ -401,13 +401,14 @@ class Tracker:
         recommendation_id: str | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> None:
-        """`track()` for producers that prefer backpressure: waits while the queue is full.
+        """`track()` for producers that prefer backpressure: waits while the buffer is full
+        (``max_queue_size``, or the ``max_buffer_bytes`` budget).
 
         Never drops for want of room; bound the wait with ``anyio.move_on_after()`` if
         needed. Raises as `track()` does.
         """
         binding = self._binding
-        if len(self._buffer.events) >= self._config.max_queue_size and not binding.closing:
+        if len(self._events) >= self._buffer.limit() and not binding.closing:
             await binding.on_loop(binding.wait_for_room)
         self.track(
             user_id,

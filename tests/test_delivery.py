@@ -258,3 +258,62 @@ async def test_without_a_spool_exhausted_retries_are_reported(
     assert isinstance(error, RetriesExhaustedError) and len(error.events) == 3
     assert tracker.stats.failed == 3
     assert_ledger(tracker.stats)
+
+
+OUTAGE_CHILD = """
+import asyncio, sqlite3, sys
+from lehnz_async import Tracker
+
+async def main(url, key, path):
+    # outage mode at its defaults, a small memory budget: what it cannot hold spills
+    tracker = Tracker(key, endpoint=url, spool_path=path, max_buffer_bytes=300_000,
+                      max_batch_size=50, flush_interval=0.05)
+    await tracker.start()
+    i = 0
+    while True:  # 2,000 events/s until killed
+        for _ in range(20):
+            tracker.track(f"usr_{i}", "view", context={"pad": "x" * 200})
+            i += 1
+        await asyncio.sleep(0.01)
+        if i % 1000 == 0 and tracker.stats.state == "outage":
+            rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+            if rows >= 10:
+                print("SPILLED", rows, flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+"""
+
+
+async def test_a_sigkill_during_an_outage_loses_nothing_that_was_spilled(
+    server: ReferenceServer, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    import msgspec
+
+    spool = tmp_path / "spool.sqlite3"
+    server.faults.random_faults = [(1.0, Fault(503, body=b"<html>503</html>"))]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OUTAGE_CHILD, server.url, server.api_key, str(spool),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # in the middle of the outage
+        await proc.wait()
+    assert line.startswith(b"SPILLED"), line
+    assert server.events == []
+    spilled = set()
+    with sqlite3.connect(spool) as conn:
+        for (body,) in conn.execute("SELECT body FROM batches"):
+            spilled.update(e["user_id"] for e in msgspec.json.decode(body))
+    assert len(spilled) >= 500
+
+    server.faults.random_faults = []
+    async with Tracker(server.api_key, endpoint=server.url, spool_path=spool) as tracker:
+        pass  # the restart re-sends the spool, oldest first, with the original keys
+    assert set(user_ids(server)) == spilled
+    assert len(user_ids(server)) == len(spilled)  # each once
+    assert tracker.stats.delivered == len(spilled)
