@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import re
+import ssl as ssl_module
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,9 @@ DEFAULT_CLOSE_TIMEOUT = 10.0  # below the usual 30 s a platform gives a stopping
 DEFAULT_EXIT_TIMEOUT = 5.0
 DEFAULT_OVERFLOW = "drop_newest"
 DEFAULT_ATTRIBUTION_MAX_USERS = 10_000
+
+#: Request body encodings the tracker can send.
+COMPRESSIONS = ("gzip",)
 
 #: What track() does when max_queue_size events are waiting.
 OVERFLOW_POLICIES = ("drop_newest", "drop_oldest")
@@ -132,6 +136,10 @@ class Config:
     max_event_age: float | None = DEFAULT_MAX_EVENT_AGE
     outage_grace: float | None = DEFAULT_OUTAGE_GRACE
     probe_max_delay: float = DEFAULT_PROBE_MAX_DELAY
+    proxy: str | None = None
+    trust_env: bool = True
+    ssl: ssl_module.SSLContext | None = None
+    compression: str | None = None
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT
     overflow: str = DEFAULT_OVERFLOW
@@ -177,6 +185,21 @@ class Config:
             raise ConfigurationError(
                 f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {self.overflow!r} "
                 "(use `await tracker.atrack(...)` to wait for room instead)"
+            )
+        if self.proxy is not None and (
+            not isinstance(self.proxy, str) or not self.proxy.startswith(("http://", "https://"))
+        ):
+            raise ConfigurationError(f"proxy must be an http:// URL or None, got {self.proxy!r}")
+        if not isinstance(self.trust_env, bool):
+            raise ConfigurationError(f"trust_env must be a bool, got {self.trust_env!r}")
+        if self.ssl is not None and not isinstance(self.ssl, ssl_module.SSLContext):
+            raise ConfigurationError(
+                f"ssl must be an ssl.SSLContext or None, not {type(self.ssl).__name__}"
+            )
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            raise ConfigurationError(
+                f"compression must be None or one of {', '.join(COMPRESSIONS)}, "
+                f"got {self.compression!r}"
             )
         if self.spool_path is not None and not self.spool_path:
             raise ConfigurationError("spool_path must be a file path or None")

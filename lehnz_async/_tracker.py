@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import ssl as ssl_module
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -61,7 +62,7 @@ from ._recommend import (
 from ._retry import RetryPolicy
 from ._spool import Spool
 from ._stats import Stats
-from ._transport import BatchTransport, CaptureTransport, Transport
+from ._transport import BatchTransport, CaptureTransport, Network, Transport
 
 _CLOSED = "the tracker is closed; create a new Tracker to send more"
 
@@ -116,6 +117,13 @@ class Tracker:
             treats the endpoint as down (outage mode: hold events, probe, no batch gives
             up); None turns outage mode off.
         probe_max_delay: Most seconds between two probes during an outage.
+        proxy: An HTTP proxy URL for every request (``http://proxy:3128``).
+        trust_env: Honour ``HTTP_PROXY``, ``HTTPS_PROXY`` and ``NO_PROXY`` (default).
+        ssl: An `ssl.SSLContext` (a private CA, client certificates); certificates are
+            always verified unless the context itself turns it off. A certificate that
+            does not verify is reported at once, never retried.
+        compression: ``"gzip"`` compresses request bodies (off by default: the
+            documented contract does not say the service accepts it).
         session: An `aiohttp.ClientSession` to use instead of the tracker's own; the
             tracker never closes it.
         capture: Record batches in memory instead of sending them, for tests: see
@@ -157,6 +165,10 @@ class Tracker:
         outage_grace: float | None = DEFAULT_OUTAGE_GRACE,
         probe_max_delay: float = DEFAULT_PROBE_MAX_DELAY,
         session: aiohttp.ClientSession | None = None,
+        proxy: str | None = None,
+        trust_env: bool = True,
+        ssl: ssl_module.SSLContext | None = None,
+        compression: str | None = None,
         capture: bool = False,
         recommend_endpoint: str | None = None,
         attribution_ttl: float | None = None,
@@ -179,6 +191,10 @@ class Tracker:
             max_event_age=max_event_age,
             outage_grace=outage_grace,
             probe_max_delay=probe_max_delay,
+            proxy=proxy,
+            trust_env=trust_env,
+            ssl=ssl,
+            compression=compression,
             close_timeout=close_timeout,
             exit_timeout=exit_timeout,
             overflow=overflow,
@@ -194,12 +210,14 @@ class Tracker:
         self._events = buffer.events
         self._append = buffer.append
         self._capture = CaptureTransport() if capture else None
+        network = Network(config.proxy, config.trust_env, config.ssl, config.compression)
         self._transport: BatchTransport = self._capture or Transport(
             config.endpoint,
             config.api_key,
             config.request_timeout,
             config.max_concurrent_requests,
             session,
+            network,
         )
         self._rng = random.Random()
         self._destination = Destination(config.outage_grace, config.probe_max_delay, ledger)
@@ -218,6 +236,7 @@ class Tracker:
                 config.request_timeout,
                 DEFAULT_RECOMMEND_CONNECTIONS,
                 session,
+                Network(config.proxy, config.trust_env, config.ssl),  # answers: no gzip
             ),
             attribution,
         )

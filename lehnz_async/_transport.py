@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gzip
 import platform
 import re
+import ssl as ssl_module
 import time
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -137,6 +140,20 @@ class CaptureTransport:
         raise TransportFailure("a capture tracker sends no requests")
 
 
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """How the tracker reaches the service: proxy, TLS, compression (see the README)."""
+
+    #: An explicit proxy URL (``http://host:port``), or None.
+    proxy: str | None = None
+    #: Honour HTTP_PROXY, HTTPS_PROXY and NO_PROXY (and netrc), as requests and httpx do.
+    trust_env: bool = True
+    #: The TLS context; None is Python's default (verifying against the system CAs).
+    ssl: ssl_module.SSLContext | None = None
+    #: "gzip" to compress request bodies, or None.
+    compression: str | None = None
+
+
 class Transport:
     """POSTs encoded batches over one keep-alive `aiohttp.ClientSession`.
 
@@ -151,7 +168,9 @@ class Transport:
         request_timeout: float,
         max_connections: int,
         session: aiohttp.ClientSession | None = None,
+        network: Network | None = None,
     ) -> None:
+        self._network = network = network or Network()
         self._endpoint = endpoint
         self._headers = {
             "X-API-KEY": api_key,
@@ -165,8 +184,13 @@ class Transport:
 
     async def open(self) -> None:
         if self._session is None:
+            network = self._network
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections,
+                    ssl=True if network.ssl is None else network.ssl,
+                ),
+                trust_env=network.trust_env,  # HTTP(S)_PROXY, NO_PROXY, netrc
             )
 
     def forget_session(self) -> None:
@@ -187,7 +211,12 @@ class Transport:
         assert self._session is not None, "Transport.open() was not awaited"
         try:
             async with self._session.post(
-                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+                proxy=self._network.proxy,
             ) as resp:
                 payload = await _read_at_most(resp, limit)
                 return resp.status, payload, resp.headers.get("Retry-After")
@@ -222,6 +251,9 @@ class Transport:
             TransportFailure: no HTTP answer (timeout, connection refused or dropped).
         """
         headers = {**self._headers, "Idempotency-Key": idempotency_key}
+        if self._network.compression == "gzip":
+            headers["Content-Encoding"] = "gzip"
+            body = gzip.compress(body, compresslevel=1, mtime=0)
         return read_answer(*await self._post(self._endpoint, body, headers))
 
 
