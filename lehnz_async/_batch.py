@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Callable
 from itertools import repeat, starmap
 from typing import NamedTuple
 
@@ -150,21 +151,35 @@ def encode(events: list[Event]) -> tuple[list[Event], bytes, list[tuple[Event, s
         return good, encoder.encode(good), bad
 
 
-def cut(queue: deque[Event], max_events: int, max_bytes: int) -> Cut | None:
-    """Take the next batch from the left of ``queue``; None if the queue is empty.
+def cut(
+    queue: deque[Event],
+    max_events: int,
+    max_bytes: int,
+    staged: deque[Event] | None = None,
+    prepare: Callable[[list[Event]], list[Event]] | None = None,
+) -> Cut | None:
+    """Take the next batch from the left of ``queue``; None if nothing is left.
 
-    Events beyond the byte bound are put back at the left, in order.
+    ``prepare`` (the ``before_send`` hook) is applied to events as they leave ``queue``;
+    events beyond the byte bound go back, in order, to the left of ``staged`` (already
+    prepared, taken first next time), or of ``queue`` when there is no ``staged``.
     """
-    n = min(len(queue), max_events)
-    if n == 0:
+    events: list[Event] = []
+    if staged:
+        events = list(starmap(staged.popleft, repeat((), min(len(staged), max_events))))
+    while len(events) < max_events and queue:
+        # popleft() n times, from C: safe against appends from other threads meanwhile
+        n = min(len(queue), max_events - len(events))
+        taken = list(starmap(queue.popleft, repeat((), n)))
+        events += taken if prepare is None else prepare(taken)
+    if not events:
         return None
-    # popleft() n times, from C: safe against appends from other threads meanwhile
-    events = list(starmap(queue.popleft, repeat((), n)))
     events, body, unencodable = encode(events)
+    back = queue if staged is None else staged
     while len(body) > max_bytes and len(events) > 1:
         # Keep the share that should fit, judging by the average event size, and try again.
         keep = max(1, min(len(events) - 1, len(events) * max_bytes // len(body)))
-        queue.extendleft(reversed(events[keep:]))
+        back.extendleft(reversed(events[keep:]))
         events = events[:keep]
         body = encoder.encode(events)
     return Cut(events, body, unencodable)

@@ -162,7 +162,7 @@ class LoopBinding:
             self.state = State.RUNNING
             self._buffer.open()
             self._task = loop.create_task(self._run(flusher), name="lehnz_async flusher")
-            if self._buffer.events or self._buffer.batches:
+            if self._buffer.queued or self._buffer.batches:
                 flusher.wake.set()  # events tracked before the loop ran
 
     async def _run(self, flusher: Flusher) -> None:
@@ -172,7 +172,7 @@ class LoopBinding:
             with self._lock:
                 if flusher.orphaned:
                     self._unbind()
-                    if self.resume_in_thread and (self._buffer.events or self._buffer.batches):
+                    if self.resume_in_thread and (self._buffer.queued or self._buffer.batches):
                         # Carry on in a thread of our own now, while threads can still
                         # be started: Python 3.12+ refuses new threads once the
                         # interpreter is shutting down, when the exit hook runs.
@@ -267,7 +267,7 @@ class LoopBinding:
         with self._lock:
             if (
                 self.state is State.NEW
-                and not self._buffer.events
+                and not self._buffer.queued
                 and not self._buffer.batches
                 and (self._ledger.spool is None or not self._replay_spool)
             ):
@@ -380,11 +380,11 @@ class LoopBinding:
         if self._loop_stopped():  # it will not run again: send from a loop of our own
             self.adopt()
         buffer = self._buffer
-        if self.state is State.NEW and not buffer.events and not buffer.batches:
+        if self.state is State.NEW and not buffer.queued and not buffer.batches:
             return
         logger.info(
             "sending %d event(s) left at exit (tracker never closed; exit_timeout=%.1f s)",
-            len(buffer.events) + self._ledger.in_flight,
+            buffer.queued + self._ledger.in_flight,
             self._exit_timeout,
         )
         try:
@@ -401,7 +401,8 @@ class LoopBinding:
         for batch in list(self._buffer.batches):
             self._ledger.give_up(batch, ShutdownError(message, batch.events))
         self._buffer.batches.clear()
-        leftovers = list(self._buffer.events)
+        leftovers = list(self._buffer.staged) + list(self._buffer.events)
+        self._buffer.staged.clear()
         self._buffer.events.clear()
         if leftovers:
             self._ledger.fail_taken(leftovers, ShutdownError(message, leftovers))
@@ -412,6 +413,7 @@ class LoopBinding:
         self._lock = threading.RLock()
         self._own_loop = None
         self._buffer.events.clear()  # in a fork child no other thread can be appending
+        self._buffer.staged.clear()
         self._buffer.batches.clear()
         self._ledger.reset()
         self._unbind()

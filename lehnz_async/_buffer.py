@@ -52,6 +52,7 @@ class Buffer:
         "batches",
         "event_bytes",
         "events",
+        "staged",
         "threshold",
         "wake",
     )
@@ -59,6 +60,8 @@ class Buffer:
     def __init__(self, config: Config, ledger: Ledger) -> None:
         self.events: deque[Event] = deque()
         self.append = self.events.append
+        #: events taken off ``events`` (through before_send) that wait for the next batch
+        self.staged: deque[Event] = deque()
         self.batches: deque[Batch] = deque()
         self.threshold = 0
         #: wakes the running flusher, from any thread (set by the loop binding)
@@ -97,8 +100,13 @@ class Buffer:
         return max(0, min(self._max, int(room / self.event_bytes)))
 
     @property
+    def queued(self) -> int:
+        """Events waiting to be cut into a batch."""
+        return len(self.events) + len(self.staged)
+
+    @property
     def queued_bytes(self) -> int:
-        return int(len(self.events) * self.event_bytes)
+        return int(self.queued * self.event_bytes)
 
     def put(self, event: Event, running: bool) -> None:
         """track()'s slow path, any thread: apply the bounds and the overflow policy, wake

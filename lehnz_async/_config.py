@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from ._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
+    from ._event import Event
     from ._exceptions import DeliveryError
     from ._retry import RetryPolicy
 
@@ -140,6 +141,7 @@ class Config:
     trust_env: bool = True
     ssl: ssl_module.SSLContext | None = None
     compression: str | None = None
+    before_send: Callable[[Event], Event | None] | None = None
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT
     overflow: str = DEFAULT_OVERFLOW
@@ -209,5 +211,7 @@ class Config:
             raise ConfigurationError(
                 f"retry must be a lehnz_async.RetryPolicy, not {type(self.retry).__name__}"
             )
+        if self.before_send is not None and not callable(self.before_send):
+            raise ConfigurationError("before_send must be a callable taking an Event")
         if self.on_error is not None and not callable(self.on_error):
             raise ConfigurationError("on_error must be a callable taking one DeliveryError")

@@ -29,7 +29,7 @@ from ._batch import Batch, new_key
 from ._buffer import Buffer
 from ._config import Config
 from ._event import Event
-from ._exceptions import EncodeError, ShutdownError
+from ._exceptions import DeliveryError, EncodeError, ShutdownError
 from ._health import Destination
 from ._ledger import Fate, Ledger, shutdown_error
 from ._sender import Sender
@@ -118,7 +118,7 @@ class Flusher:
 
     async def flush(self) -> None:
         """Return once every event queued before the call is settled."""
-        target = self._ledger.taken + len(self._buffer.events)
+        target = self._ledger.taken + self._buffer.queued
         if self._ledger.settled_before(target):
             return
         self._drain_requested = True
@@ -147,7 +147,7 @@ class Flusher:
             logger.warning(
                 "close deadline of %.1f s passed with %d event(s) unsettled",
                 deadline,
-                self._ledger.in_flight + len(self._buffer.events),
+                self._ledger.in_flight + self._buffer.queued,
             )
             task.cancel()
             await self.done.wait()
@@ -161,7 +161,7 @@ class Flusher:
 
     async def _flush_loop(self) -> None:
         config, buffer, sender = self._config, self._buffer, self.sender
-        events, waiting = buffer.events, buffer.batches
+        waiting = buffer.batches
         destination = sender.destination
         loop = asyncio.get_running_loop()
         interval = config.flush_interval
@@ -169,7 +169,7 @@ class Flusher:
         while True:
             # in an outage, and while parked batches drain after one, look every 0.1 s
             poll = destination.outage or bool(sender.parked)
-            idle = len(events) < config.max_batch_size and not self._drain_requested
+            idle = buffer.queued < config.max_batch_size and not self._drain_requested
             if poll or (idle and not waiting and not self.closing):
                 timeout = next_tick - loop.time()
                 with anyio.move_on_after(min(timeout, 0.1) if poll else timeout):
@@ -180,7 +180,7 @@ class Flusher:
             if now >= next_tick:
                 drain = True
                 next_tick = now + interval
-                self._marks.append((self._ledger.taken + len(events), now))
+                self._marks.append((self._ledger.taken + buffer.queued, now))
                 if config.max_event_age is not None:
                     self._expire(now - config.max_event_age)
             if destination.outage:
@@ -190,7 +190,7 @@ class Flusher:
             while waiting:
                 await sender.slots.acquire()
                 sender.submit(waiting.popleft())
-            while events and (drain or len(events) >= config.max_batch_size):
+            while buffer.queued and (drain or buffer.queued >= config.max_batch_size):
                 await sender.slots.acquire()  # cut only when a slot is free: fuller batches
                 if destination.outage:
                     sender.slots.release()
@@ -204,7 +204,7 @@ class Flusher:
             self._ledger.release_waiters(all_=False)  # if only unencodable events were taken
             if not self.closing:
                 buffer.open()
-            elif not events and not waiting and not sender.parked:
+            elif not buffer.queued and not waiting and not sender.parked:
                 return  # closing and drained; the workers finish what is handed over
 
     async def _hold(self) -> None:
@@ -224,7 +224,7 @@ class Flusher:
             held = [b for b in sender.parked[1:] if b.spill_row is None]
             if held:
                 batch = held[-1]
-            elif len(buffer.events) > self._config.max_batch_size:
+            elif buffer.queued > self._config.max_batch_size:
                 cut = self._cut()
                 if cut is None:
                     break
@@ -261,11 +261,11 @@ class Flusher:
         if not marks or marks[0][1] > cutoff:
             return
         old = marks[0][0]  # every event numbered below this was tracked before cutoff
-        ledger, events = self._ledger, self._buffer.events
-        n = min(len(events), old - ledger.taken)
+        ledger, buffer = self._ledger, self._buffer
+        n = min(buffer.queued, old - ledger.taken)
         if n > 0:
             for _ in range(n):
-                events.popleft()
+                (buffer.staged or buffer.events).popleft()
             ledger.drop(n, taken=True, reason="max_event_age")
         for batch in [b for b in self.sender.parked if b.root + b.n <= old]:
             self.sender.parked.remove(batch)
@@ -279,7 +279,10 @@ class Flusher:
         learnt = self.sender.destination.body_limit
         if learnt is not None:
             max_bytes = min(max_bytes, learnt)
-        while cut := _batch.cut(self._buffer.events, config.max_batch_size, max_bytes):
+        buffer = self._buffer
+        while cut := _batch.cut(
+            buffer.events, config.max_batch_size, max_bytes, buffer.staged, self._prepare
+        ):
             for event, reason in cut.unencodable:
                 ledger.fail_taken(
                     [event], EncodeError(f"the event could not be encoded: {reason}", [event])
@@ -290,6 +293,34 @@ class Flusher:
                 self._buffer.observe(len(cut.body), len(cut.events))
                 return batch
         return None
+
+    def _prepare(self, events: list[Event]) -> list[Event]:
+        """Run ``before_send`` over events leaving the queue: what it returns is sent;
+        None drops the event (counted, reason ``before_send``); if it raises, or returns
+        something that is not an `Event`, the event is not sent and is reported to
+        on_error with the exception as the cause (so no unscrubbed event goes out)."""
+        hook, ledger = self._config.before_send, self._ledger
+        if hook is None:
+            return events
+        kept: list[Event] = []
+        for event in events:
+            try:
+                out = hook(event)
+                if out is not None and out.__class__ is not Event:
+                    raise TypeError(f"it returned a {type(out).__name__}, not an Event or None")
+            except Exception as exc:
+                error = DeliveryError(
+                    f"before_send raised {type(exc).__name__}: {exc}; the event is not sent",
+                    [event],
+                )
+                error.__cause__ = exc
+                ledger.fail_taken([event], error)
+                continue
+            if out is None:
+                ledger.drop(1, taken=True, reason="before_send")
+            else:
+                kept.append(out)
+        return kept
 
     async def _replay(self, rows: list[SpooledBatch]) -> None:
         """Hand over what an earlier tracker spooled, oldest first, with its keys."""
@@ -324,12 +355,12 @@ class Flusher:
             return
         for left in leftovers:
             ledger.give_up(left, shutdown_error(left.events))
-        events = buffer.events
-        if not events:
+        if not buffer.queued:
             return
         if ledger.spool is None:
-            leftover_events = list(events)
-            events.clear()
+            leftover_events = list(buffer.staged) + list(buffer.events)
+            buffer.staged.clear()
+            buffer.events.clear()
             ledger.fail_taken(leftover_events, ShutdownError(_UNSENT, leftover_events))
             return
         while (cut := self._cut()) is not None:

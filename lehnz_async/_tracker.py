@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import ssl as ssl_module
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -124,6 +124,10 @@ class Tracker:
             does not verify is reported at once, never retried.
         compression: ``"gzip"`` compresses request bodies (off by default: the
             documented contract does not say the service accepts it).
+        before_send: Called with each `Event` before it is encoded, in the flusher (never
+            in track()): return it (edited or replaced) to send it, or None to drop it
+            (counted, reason ``before_send``). If it raises, the event is not sent and is
+            reported to ``on_error`` with the exception as the cause.
         session: An `aiohttp.ClientSession` to use instead of the tracker's own; the
             tracker never closes it.
         capture: Record batches in memory instead of sending them, for tests: see
@@ -169,6 +173,7 @@ class Tracker:
         trust_env: bool = True,
         ssl: ssl_module.SSLContext | None = None,
         compression: str | None = None,
+        before_send: Callable[[Event], Event | None] | None = None,
         capture: bool = False,
         recommend_endpoint: str | None = None,
         attribution_ttl: float | None = None,
@@ -195,6 +200,7 @@ class Tracker:
             trust_env=trust_env,
             ssl=ssl,
             compression=compression,
+            before_send=before_send,
             close_timeout=close_timeout,
             exit_timeout=exit_timeout,
             overflow=overflow,
@@ -596,7 +602,7 @@ class Tracker:
     def stats(self) -> Stats:
         """A snapshot of the counters (see `Stats`); it adds up, from any thread."""
         buffer = self._buffer
-        return self._ledger.stats(len(buffer.events), buffer.queued_bytes)
+        return self._ledger.stats(buffer.queued, buffer.queued_bytes)
 
     @property
     def captured(self) -> list[Event]:

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import looptime
 import msgspec
 
-from lehnz_async import DeliveryError, RetryPolicy, Tracker
+from lehnz_async import DeliveryError, Event, RetryPolicy, Tracker
 from lehnz_async._spool import MemorySpool
 from lehnz_async._transport import Response, TransportFailure, read_answer
 
@@ -166,6 +166,16 @@ class SimTransport:
             self.log.append((started, loop.time(), kind))
 
 
+def _hook(event: Event) -> Event | None:
+    """A before_send that edits most events, drops some and raises on others."""
+    i = (event.context or {}).get("id", 0)
+    if i % 13 == 5:
+        return None
+    if i % 17 == 6:
+        raise ValueError("a hook that fails")
+    return msgspec.structs.replace(event, session_id="s")
+
+
 class Errors(list[DeliveryError]):
     def __call__(self, error: DeliveryError) -> None:
         self.append(error)
@@ -203,6 +213,7 @@ class Sim:
             max_event_age=rng.choice((None, None, 5.0, 60.0)),
             outage_grace=rng.choice((None, 0.5, 2.0)),
             probe_max_delay=rng.choice((1.0, 10.0)),
+            before_send=rng.choice((None, None, _hook)),
             on_error=self.errors,
         )
         self.tracker = Tracker._simulated(

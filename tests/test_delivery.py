@@ -139,7 +139,8 @@ async def test_atrack_waits_for_room_instead_of_dropping(
             deepest = max(deepest, tracker.stats.queued)
     assert deepest <= 20
     assert tracker.stats.dropped == 0
-    assert user_ids(server) == [f"usr_{i}" for i in range(300)]
+    # two requests in flight at once may reach the server in either order
+    assert sorted(user_ids(server)) == sorted(f"usr_{i}" for i in range(300))
 
 
 def test_an_unknown_overflow_policy_is_refused() -> None:
