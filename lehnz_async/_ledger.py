@@ -79,6 +79,10 @@ class Ledger:
         #: outages so far, and whether one is under way
         self.outages = 0
         self.in_outage = False
+        #: requests started and not yet ended
+        self.requests_in_flight = 0
+        #: called with (seconds, status or None, failure or None) as each request ends
+        self.request_observers: list[Callable[[float, int | None, str | None], object]] = []
         #: settle() calls for a batch already settled: a bug if ever non-zero
         self.anomalies = 0
         # root sequence number -> [events still unsettled, spool row or None]; in
@@ -90,7 +94,9 @@ class Ledger:
 
     def reset(self) -> None:
         """Start from zero (in a forked child: the parent accounts for its events)."""
+        observers = self.request_observers
         self.__init__(self._on_error, self.spool)  # type: ignore[misc]
+        self.request_observers = observers
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -232,11 +238,23 @@ class Ledger:
                 self.outages += 1
 
     def attempt(self, retry: bool) -> None:
-        """Count one request."""
+        """Count one request, now starting."""
         with self._lock:
             self.requests += 1
+            self.requests_in_flight += 1
             if retry:
                 self.retries += 1
+
+    def answered(self, seconds: float, status: int | None, failure: str | None) -> None:
+        """The request counted by `attempt` ended after ``seconds``: answered ``status``,
+        or ``failure`` (no HTTP answer). Observers (`lehnz_async.otel`) are told."""
+        with self._lock:
+            self.requests_in_flight -= 1
+        for observe in self.request_observers:
+            try:
+                observe(seconds, status, failure)
+            except Exception:
+                logger.exception("a request observer raised; it is left in place")
 
     async def commit_spool(self) -> None:
         """Write what was spooled since the last commit. Batches that cannot be written

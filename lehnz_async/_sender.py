@@ -286,9 +286,11 @@ class Sender:
         part.attempts += 1
         ledger.attempt(retry=part.attempts > 1)
         n = part.n
+        started = loop.time()
         try:
             response = await self._transport.post(part.body, part.key)
         except TransportFailure as exc:
+            ledger.answered(loop.time() - started, None, type(exc.__cause__ or exc).__name__)
             if exc.permanent:
                 dest.answered(loop.time())  # not the service failing: never an outage
                 error = DeliveryError(f"{exc} (not retried: fix the configuration)", part.events)
@@ -296,7 +298,11 @@ class Sender:
                 ledger.settle(part, Fate.FAILED, error)
                 return None
             return _Retry(str(exc), None, None)
+        except BaseException as exc:  # cancelled, or a surprise the worker settles
+            ledger.answered(loop.time() - started, None, type(exc).__name__)
+            raise
         status = response.status
+        ledger.answered(loop.time() - started, status, None)
         failure = f"HTTP {status}: {response.message}"
         if status in RETRYABLE_STATUSES:
             return _Retry(failure, response, response.retry_after)
