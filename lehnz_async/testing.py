@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import re
+import ssl
 import socket
 import time
 import uuid
@@ -280,6 +281,7 @@ class ReferenceServer:
         keep_bodies: bool = True,
         client_timeout: float | None = None,
         backlog: int = DEFAULT_BACKLOG,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be a positive int or None, not {keep!r}")
@@ -293,6 +295,8 @@ class ReferenceServer:
         self.keep = keep
         self.keep_bodies = keep_bodies
         self.client_timeout = client_timeout
+        #: Serve HTTPS with this context (tests of a client's TLS settings).
+        self.ssl_context = ssl_context
         self.revoked: set[str] = set()
         #: Every accepted event, in arrival order, as decoded JSON objects.
         self.events: list[dict[str, Any]] = []
@@ -354,7 +358,9 @@ class ReferenceServer:
             **options,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=self._backlog)
+        site = web.TCPSite(
+            self._runner, self.host, self.port, backlog=self._backlog, ssl_context=self.ssl_context
+        )
         await site.start()
         self._sites = [site]
         self.port = int(self._runner.addresses[0][1])
@@ -378,7 +384,8 @@ class ReferenceServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:

@@ -113,3 +113,50 @@ def test_network_options_are_checked() -> None:
         Tracker("lehnz_pk_x", ssl=True)  # type: ignore[arg-type]
     assert Tracker("lehnz_pk_x", ssl=ssl.create_default_context())._config.ssl is not None
     _ = (DeliveryError, FAST_RETRY)
+
+
+@pytest.fixture
+async def tls_server() -> AsyncIterator[tuple[ReferenceServer, ssl.SSLContext]]:
+    """The reference server over HTTPS with a certificate from a private CA (trustme);
+    and a client context that trusts that CA."""
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with ReferenceServer(ssl_context=server_context) as server:
+        yield server, client_context
+
+
+async def test_tls_with_a_private_ca_through_ssl(
+    tls_server: tuple[ReferenceServer, ssl.SSLContext], errors: Errors
+) -> None:
+    server, client_context = tls_server
+    assert server.url.startswith("https://")
+    tracker = Tracker(server.api_key, endpoint=server.url, ssl=client_context, on_error=errors)
+    async with tracker:
+        track_many(tracker, 25)
+    assert len(server.events) == 25 and errors == []
+
+
+async def test_a_certificate_that_does_not_verify_fails_loudly_once_and_is_not_retried(
+    tls_server: tuple[ReferenceServer, ssl.SSLContext],
+    errors: Errors,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    server, _ = tls_server
+    tracker = Tracker(server.api_key, endpoint=server.url, max_batch_size=10, on_error=errors)
+    with caplog.at_level(logging.DEBUG, "lehnz_async"):
+        async with tracker:  # the system's CAs do not know the private one
+            track_many(tracker, 30)
+    stats = tracker.stats
+    assert (stats.failed, stats.delivered, stats.requests, stats.retries) == (30, 0, 3, 0)
+    assert stats.outages == 0 and server.requests == []
+    assert len(errors) == 3 and all("does not verify" in str(e) for e in errors)
+    assert {type(e.__cause__).__name__ for e in errors} == {"ClientConnectorCertificateError"}
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(loud) == 1 and "does not verify" in loud[0].getMessage()
