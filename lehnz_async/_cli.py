@@ -109,15 +109,24 @@ def _demo_calls(tracker: Tracker, n: int, seed: int) -> list[Call]:
     return calls
 
 
+OUTAGE_SECONDS = 3.0
+
+
 async def _demo(n: int, seed: int) -> int:
     errors: list[DeliveryError] = []
     async with ReferenceServer() as server:
-        tracker = Tracker(server.api_key, endpoint=server.url, on_error=errors.append)
+        # probes every second at most, so the demo notices the end of its short outage soon
+        tracker = Tracker(
+            server.api_key, endpoint=server.url, on_error=errors.append, probe_max_delay=1.0
+        )
         calls = _demo_calls(tracker, n, seed)
         bar = _Bar(n)
         tracking = 0.0
         start = time.perf_counter()
         for first in range(0, n, CHUNK):
+            if first == (n // 2) // CHUNK * CHUNK:
+                # halfway: the service goes away for a while; nothing may be lost
+                await server.outage("refuse", OUTAGE_SECONDS)
             t0 = time.perf_counter()
             for fn, args, kwargs in calls[first : first + CHUNK]:
                 fn(*args, **kwargs)
@@ -141,11 +150,17 @@ async def _demo(n: int, seed: int) -> int:
     print(f"tracked {s.tracked}, delivered {s.delivered} of {n}, failed {s.failed}, ", end="")
     print(f"dropped {s.dropped}; {s.batches} batches, {s.requests} requests")
     print(f"the server holds {received} events")
-    print(f"{n / elapsed:,.0f} events/s end to end ({n} events in {elapsed:.3f} s)")
+    print(
+        f"outage: the server refused connections for {OUTAGE_SECONDS:.0f} s halfway through; "
+        f"the tracker held what it could not send ({s.outages} outage) and sent it when the "
+        f"server came back: lost {n - received}"
+    )
+    print(f"{n:,} events in {elapsed:.1f} s, the outage included")
     print(f"one track() call: {tracking / n * 1e6:.2f} µs")
     for line in loop_lines:
         print(line)
-    return 0 if s.delivered == n and received == n and loop_ok else 1
+    ok = s.delivered == n and received == n and s.outages == 1
+    return 0 if ok and loop_ok else 1
 
 
 async def _attribution_loop(server: ReferenceServer) -> tuple[list[str], bool]:

@@ -44,8 +44,8 @@ import logging
 import os
 import random
 import re
-import ssl
 import socket
+import ssl
 import time
 import uuid
 import zlib
