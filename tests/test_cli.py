@@ -66,7 +66,7 @@ def as_stored(events: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def test_demo_delivers_every_event() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "lehnz_async", "demo", "--events", "3000"],
+        [sys.executable, "-m", "lehnz_async", "demo", "--events", "3000", "--outage", "2.5"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -77,6 +77,8 @@ def test_demo_delivers_every_event() -> None:
     assert "delivered 3000 of 3000, failed 0, dropped 0" in done.stdout, done.stdout
     assert "expose, click, purchase -> 6 of 6 events carry it" in done.stdout, done.stdout
     assert "the server holds 3000 events" in done.stdout
+    assert "connections for 2.5 s halfway through" in done.stdout  # past outage_grace
+    assert "(outages seen: 1) and sent it when the server came back: lost 0" in done.stdout
     assert re.search(r"^one track\(\) call: \d+\.\d\d µs$", done.stdout, re.M)
     assert "Traceback" not in done.stderr
 
@@ -86,7 +88,7 @@ def test_demo_without_rich_prints_plain_progress(tmp_path: Path) -> None:
     (tmp_path / "rich").mkdir()
     (tmp_path / "rich" / "__init__.py").write_text("raise ImportError('rich is absent')\n")
     done = subprocess.run(
-        [sys.executable, "-m", "lehnz_async", "demo", "--events", "1000"],
+        [sys.executable, "-m", "lehnz_async", "demo", "--events", "1000", "--outage", "0"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
