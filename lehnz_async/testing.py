@@ -546,7 +546,12 @@ class ReferenceServer:
         assert runner is not None
         while self._held:
             address, sock = self._held[0]
-            site = web.SockSite(runner, sock or _hold_port(address), backlog=self._backlog)
+            site = web.SockSite(
+                runner,
+                sock or _hold_port(address),
+                backlog=self._backlog,
+                ssl_context=self.ssl_context,  # back as it was: HTTPS stays HTTPS
+            )
             await site.start()  # asyncio calls listen() on the socket
             self._sites.append(site)
             del self._held[0]

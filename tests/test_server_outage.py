@@ -4,6 +4,7 @@ proxy body limit, over real loopback HTTP: with a plain aiohttp client, then a T
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -68,6 +69,22 @@ async def test_refuse_stops_listening_then_listens_again_on_the_same_port(
     assert server.events == [VIEW, VIEW]
     ((kind, start, end),) = server.outages
     assert kind == "refuse" and end is not None and end >= start
+
+
+async def test_an_https_server_comes_back_over_https() -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with (
+        ReferenceServer(ssl_context=server_context) as server,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context)) as http,
+    ):
+        await server.outage("refuse")
+        await server.restore()
+        assert (await post(http, server.url))[0] == 202
 
 
 async def test_a_timed_refuse_outage_ends_by_itself(
