@@ -237,10 +237,17 @@ class LehnzDriver(Driver):
     async def start(self, sink: SinkClient, queue_size: int | None) -> dict[str, Any]:
         from lehnz_async import Tracker, __version__
 
-        options: dict[str, Any] = {} if queue_size is None else {"max_queue_size": queue_size}
+        options: dict[str, Any] = {}
+        if queue_size is not None:
+            # "queues big enough to drop nothing": the count bound and the memory budget
+            # (about 430 bytes an event of this stream is reckoned, with room to spare)
+            options = {"max_queue_size": queue_size, "max_buffer_bytes": queue_size * 1024}
         self.tracker = Tracker(LEHNZ_KEY, endpoint=sink.base_url + LEHNZ_PATH, **options)
         await self.tracker.start()
-        shown = "max_batch_size max_concurrent_requests flush_interval max_queue_size overflow"
+        shown = (
+            "max_batch_size max_concurrent_requests flush_interval max_queue_size "
+            "max_buffer_bytes overflow"
+        )
         config = defaults_of(Tracker, shown)
         return {"version": __version__, **config, **options}
 

@@ -116,10 +116,11 @@ class Buffer:
         at hand, so that the byte budget holds even for a producer that never yields.
         """
         events = self.events
-        if running or not self.event_bytes:
+        limit = self.limit()
+        if (running or not self.event_bytes) and len(events) < limit:
             with contextlib.suppress(Exception):  # unencodable: reported when it is cut
                 self.observe(len(encoder.encode(event)), 1)
-        limit = self.limit()
+            limit = self.limit()
         if len(events) >= limit:
             reason = "max_queue_size" if limit >= self._max else "max_buffer_bytes"
             if not self._drop_oldest:
