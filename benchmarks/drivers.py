@@ -277,7 +277,7 @@ class LehnzDriver(Driver):
         track(user_id, event_name, item_id=item_id, context=context)
         return time.perf_counter_ns() - start
 
-    async def paced(self, events: int, limit: int) -> tuple[list[float], float]:
+    async def paced(self, events: int, limit: int, max_bytes: int) -> tuple[list[float], float]:
         """Track ``events`` in chunks generated on the fly, with backpressure; return the
         seconds of each chunk's track() loop and the seconds spent generating events."""
         generation_seconds, chunk_seconds = 0.0, []
@@ -287,8 +287,11 @@ class LehnzDriver(Driver):
             chunk = make_stream(lo, hi)
             generation_seconds += time.perf_counter() - started
             # No room: let the flusher take batches (polling the public stats is the
-            # only way an app can see the queue's depth).
-            while self.tracker.stats.queued + (hi - lo) > limit:  # noqa: ASYNC110
+            # only way an app can see the queue's depth and its memory budget).
+            while (  # noqa: ASYNC110
+                (stats := self.tracker.stats).queued + (hi - lo) > limit
+                or stats.backlog_bytes > 0.9 * max_bytes
+            ):
                 await asyncio.sleep(0)
             chunk_seconds += self.burst([chunk])
             await asyncio.sleep(0)  # an app yields between requests
@@ -592,7 +595,9 @@ async def run(
     result["rss_baseline_bytes"] = rss_now()
     start = time.perf_counter()
     if isinstance(driver, LehnzDriver) and mode == "paced":
-        chunk_s, generation_s = await driver.paced(events, config["max_queue_size"])
+        chunk_s, generation_s = await driver.paced(
+            events, config["max_queue_size"], config["max_buffer_bytes"]
+        )
     else:
         chunk_s, generation_s = driver.burst(chunks), 0.0
     result.update(track_seconds=sum(chunk_s), chunk_seconds=chunk_s)
