@@ -160,6 +160,7 @@ async def _demo(n: int, seed: int, outage: float = OUTAGE_SECONDS) -> int:
     print(f"one track() call: {tracking / n * 1e6:.2f} µs")
     for line in loop_lines:
         print(line)
+    print("See your events live: `lehnz-async serve`, then open the printed address")
     ok = s.delivered == n and received == n
     return 0 if ok and loop_ok else 1
 
@@ -696,6 +697,7 @@ async def _serve(host: str, port: int, keep: int, client_timeout: float) -> int:
     async with server:
         print(f"listening on {server.url}", flush=True)
         print(f"api key: {server.api_key} (any well-formed lehnz_pk_... key)", flush=True)
+        print(f"inspector: {server.inspector.url} (your events live, in a browser)", flush=True)
         await stop.wait()
         logging.getLogger("lehnz_async.testing").info("stopping")
     return 0

@@ -56,6 +56,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 import msgspec
 from aiohttp import web
 
+from ._inspector import Inspector
+
 __all__ = [
     "DEFAULT_TEST_KEY",
     "Fault",
@@ -326,6 +328,8 @@ class ReferenceServer:
         self._restoring: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()  # ingest requests in progress
         self._backlog = backlog
+        #: The event inspector: the page at ``/`` and its JSON API (``lehnz_async._inspector``).
+        self.inspector = Inspector(self)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -346,6 +350,7 @@ class ReferenceServer:
         app = web.Application(client_max_size=1024**3)
         app.router.add_post(INGEST_PATH, self._ingest)
         app.router.add_post(RECOMMEND_PATH, self._recommend)
+        self.inspector.install(app)
         options: dict[str, Any] = {}
         if self.client_timeout is not None:
             options["keepalive_timeout"] = self.client_timeout
@@ -610,6 +615,7 @@ class ReferenceServer:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        response: web.StreamResponse | None = None
         try:
             response = await self._answer(request, record)
             record.status = response.status
@@ -618,6 +624,7 @@ class ReferenceServer:
             self._handlers.discard(task)
             record.answered_at = time.monotonic()
             self.in_flight -= 1
+            self.inspector.record(request, record, response)
             if not self.keep_bodies:
                 record.body = b""
             self.requests.append(record)
@@ -740,6 +747,7 @@ class ReferenceServer:
             for event in events:
                 reason = plan.reject_event(event)
                 if reason is not None:
+                    self.inspector.note_refused(record, event)
                     return _error(400, reason)
         keep = self.keep
         if key is not None:
@@ -747,6 +755,7 @@ class ReferenceServer:
             if keep is not None and len(accepted) > keep:
                 accepted.popitem(last=False)
         self.events.extend(events)
+        self.inspector.note_events(record, events)
         if keep is not None and len(self.events) > keep:
             del self.events[:-keep]
         popularity = self._popularity
