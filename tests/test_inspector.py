@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,6 +32,7 @@ from .test_cli import cli_env, run_cli
 pytestmark = pytest.mark.anyio
 
 TIMEOUT = 10.0
+README_DIR = Path(__file__).resolve().parent.parent
 KEY = "lehnz_pk_Sup3rSecretK3y"
 
 
@@ -391,3 +393,23 @@ async def test_demo_ends_pointing_to_the_inspector() -> None:
     assert out.rstrip("\n").splitlines()[-1] == (
         "See your events live: `lehnz-async serve`, then open the printed address"
     )
+
+
+async def test_the_readme_documents_the_api_that_exists(
+    server: ReferenceServer, session: aiohttp.ClientSession
+) -> None:
+    readme = (README_DIR / "README.md").read_text()
+    section = readme.split("## The event inspector\n", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `(GET|POST) (/inspector/api/\w+)[?`]", section, re.M)
+    assert documented == [
+        ("GET", "/inspector/api/events"),
+        ("GET", "/inspector/api/refused"),
+        ("GET", "/inspector/api/counters"),
+        ("POST", "/inspector/api/reset"),
+    ]
+    for method, path in documented:
+        async with session.request(method, server.base_url + path) as r:
+            assert r.status == 200, path
+            assert isinstance(await r.json(), dict)
+    assert "(docs/images/inspector.png)" in section
+    assert (README_DIR / "docs/images/inspector.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
