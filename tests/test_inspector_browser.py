@@ -137,8 +137,15 @@ def errors() -> list[DeliveryError]:
 
 @pytest.fixture
 def tracker(served: Served, errors: list[DeliveryError]) -> Iterator[Tracker]:
-    """A real tracker, running its own loop in a thread, sending to the server."""
-    tracker = Tracker(KEY, endpoint=served.server.url, retry=FAST_RETRY, on_error=errors.append)
+    """A real tracker, running its own loop in a thread, sending to the server; batches
+    are cut by ``flush_sync()`` (the interval is long), so each test knows its requests."""
+    tracker = Tracker(
+        KEY,
+        endpoint=served.server.url,
+        retry=FAST_RETRY,
+        on_error=errors.append,
+        flush_interval=60.0,
+    )
     yield tracker
     tracker.close()
 
