@@ -103,7 +103,11 @@ class Sender:
         self.parked: list[Batch] = []
         # set while the destination is healthy: parked workers wait on it
         self._resumed = asyncio.Event()
-        if not destination.outage:
+        # set while an outage lasts: backoffs under way end early on it
+        self._outage_began = asyncio.Event()
+        if destination.outage:
+            self._outage_began.set()
+        else:
             self._resumed.set()
         self._probing = False
         self._stopped = False
@@ -271,7 +275,10 @@ class Sender:
             if outcome.pause:
                 self._paused_until = max(self._paused_until, loop.time() + delay)
             logger.debug("%s; retry %d in %.3f s", outcome.failure, part.attempts, delay)
-            await anyio.sleep(delay)
+            # the backoff ends early if an outage begins: the batch is parked at once, so
+            # that it goes out first when the endpoint is back, not when its backoff ends
+            with anyio.move_on_after(delay):
+                await self._outage_began.wait()
 
     async def _attempt(self, part: Batch) -> tuple[Batch, Batch] | _Retry | None:
         """One request for ``part``: settled (None), to be split (its halves), or a
@@ -307,7 +314,7 @@ class Sender:
         if status in RETRYABLE_STATUSES:
             return _Retry(failure, response, response.retry_after)
         if dest.answered(loop.time()):  # the service is up again
-            self._resumed.set()
+            self._resume()
         if 200 <= status < 300:
             ledger.settle(part, Fate.DELIVERED)
             return None
@@ -330,8 +337,14 @@ class Sender:
 
     # -- the outage probe -----------------------------------------------------------------
 
+    def _resume(self) -> None:
+        """The endpoint answers again: parked workers go on, backoffs run their course."""
+        self._outage_began.clear()
+        self._resumed.set()
+
     def _start_probe(self) -> None:
         self._resumed.clear()
+        self._outage_began.set()
         self._unqueue()
         if not self._probing:
             self._probing = True
@@ -345,7 +358,7 @@ class Sender:
         try:
             while True:
                 await self._probe_until_answered(dest, loop)
-                self._resumed.set()
+                self._resume()
                 while self._stopped and self.parked and not dest.outage:
                     held = [self.parked.pop(0)]
                     self._in_hand.append(held)

@@ -91,8 +91,9 @@ class SimTransport:
         self.faults = faults
         #: kinds to answer before any random draw ("ok", "reset", "429:2", "5xx", ...)
         self.script: list[str] = []
-        #: (loop time the request started, loop time it was answered, kind), in order
-        self.log: list[tuple[float, float, str]] = []
+        #: (loop time the request started, loop time it was answered, kind, the id of its
+        #: first event), in the order answered
+        self.log: list[tuple[float, float, str, int]] = []
         self.acked: dict[str, list[int]] = {}  # key -> ids, for 2xx answers
         self.requests = 0
         self.latency: float | None = None  # fixed, or drawn per request
@@ -163,7 +164,8 @@ class SimTransport:
             return read_answer(status, payload, None)
         finally:
             self.in_flight -= 1
-            self.log.append((started, loop.time(), kind))
+            first = _decode.decode(body)[0]["context"]["id"]
+            self.log.append((started, loop.time(), kind, first))
 
 
 def _hook(event: Event) -> Event | None:

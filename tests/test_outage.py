@@ -45,7 +45,7 @@ def down(sim: Sim, kind: str, seconds: float) -> tuple[float, float]:
     return loop.time(), sim.transport.down_until
 
 
-def requests_between(sim: Sim, start: float, end: float) -> list[tuple[float, float, str]]:
+def requests_between(sim: Sim, start: float, end: float) -> list[tuple[float, float, str, int]]:
     return sorted(entry for entry in sim.transport.log if start <= entry[0] < end)
 
 
@@ -79,6 +79,27 @@ def test_an_outage_loses_nothing_probes_alone_and_drains_at_once(kind: str) -> N
     first_ok = min(e[1] for e in sim.transport.log if e[2] == "ok" and e[0] >= back)
     assert first_ok - back <= 10.0 + 0.1
     assert drained - back <= 10.0 + 5.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_after_an_outage_the_oldest_batch_goes_first(seed: int) -> None:
+    """A batch that was backing off when the outage began is parked at once, so it is
+    not sent after younger ones when its backoff would have ended."""
+    policy = RetryPolicy(max_attempts=50, base_delay=8.0, max_delay=8.0)
+    sim = scripted(latency=0.0, retry=policy, outage_grace=0.5, probe_max_delay=1.0)
+    sim.tracker._rng.seed(seed)
+    window: list[float] = []
+
+    async def main() -> None:
+        async with sim.tracker:
+            window.extend(down(sim, "reset", 3.0))  # shorter than most backoffs
+            await produce(sim, 15, rate=200)
+
+    run_virtual(main)
+    _, back = window
+    oks = [e for e in sorted(sim.transport.log) if e[2] == "ok" and e[0] >= back - 10.0]
+    assert oks and oks[0][3] == 0, oks[:3]  # event 0 was the first to fail
+    sim.check_final()
 
 
 def test_retry_after_spaces_the_probes() -> None:
