@@ -242,3 +242,31 @@ async def test_a_short_outage_end_to_end_over_http(
     assert errors == [] and tracker.stats.outages == 1
     assert tracker.stats.delivered == 300 and tracker.stats.retries >= 1
     _ = RetryPolicy
+
+
+def test_the_spill_stays_within_max_spool_bytes_and_the_rest_is_dropped_by_reason() -> None:
+    spool = MemorySpool()
+    sim = scripted(
+        latency=0.0,
+        max_buffer_bytes=800_000,
+        max_batch_size=50,
+        spool=spool,
+        max_spool_bytes=1_000_000,
+    )
+    sizes: list[int] = []
+
+    async def main() -> None:
+        async with sim.tracker:
+            down(sim, "reset", 200.0)
+            for _ in range(200):
+                await produce(sim, 1)
+                sizes.append(sum(len(row.body) for row in spool.rows))
+            await produce(sim, 5)
+
+    run_virtual(main)
+    stats = sim.tracker.stats
+    sim.check_final()
+    assert max(sizes) > 900_000  # it did fill the spool
+    assert max(sizes) <= 1_000_000
+    assert set(stats.drops) == {"max_buffer_bytes"}  # what neither could hold, counted
+    assert stats.delivered + stats.dropped == 500 * 205 and spool.rows == []
