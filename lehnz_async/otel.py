@@ -37,7 +37,7 @@ trackers in one process can be told apart.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from opentelemetry import metrics
@@ -57,70 +57,83 @@ class Instrumentation:
     def __init__(self, tracker: Tracker, meter: metrics.Meter, name: str) -> None:
         self._tracker = tracker
         self._attrs = {"lehnz.tracker.name": name}
-        attrs = self._attrs
         config = tracker._config
-        self._instruments = [
+        gauges: list[tuple[str, str, str, Callable[[], int]]] = [
+            (
+                "lehnz.sdk.queue.size",
+                "{event}",
+                "Events waiting to be cut into batches",
+                lambda: tracker.stats.queued,
+            ),
+            (
+                "lehnz.sdk.queue.capacity",
+                "{event}",
+                "The most events that may wait (max_queue_size)",
+                lambda: config.max_queue_size,
+            ),
+            (
+                "lehnz.sdk.buffer.size",
+                "By",
+                "Bytes the queued and in-flight events are reckoned to hold",
+                lambda: tracker.stats.backlog_bytes,
+            ),
+            (
+                "lehnz.sdk.buffer.capacity",
+                "By",
+                "The memory budget (max_buffer_bytes)",
+                lambda: config.max_buffer_bytes,
+            ),
+            (
+                "lehnz.sdk.exporter.event.inflight",
+                "{event}",
+                "Events cut into batches and not settled yet",
+                lambda: tracker.stats.in_flight,
+            ),
+            (
+                "lehnz.sdk.exporter.request.inflight",
+                "{request}",
+                "Requests to the ingestion endpoint under way",
+                lambda: tracker._ledger.requests_in_flight,
+            ),
+            (
+                "lehnz.sdk.exporter.outage",
+                "1",
+                "1 while the ingestion endpoint is treated as down",
+                lambda: int(tracker.stats.state == "outage"),
+            ),
+        ]
+        self._instruments: list[object] = [
             meter.create_observable_counter(
                 "lehnz.sdk.event.processed",
                 [self._processed],
                 unit="{event}",
                 description="Events settled by the tracker, by outcome",
             ),
-            meter.create_observable_up_down_counter(
-                "lehnz.sdk.queue.size",
-                [lambda _: [Observation(tracker.stats.queued, attrs)]],
-                unit="{event}",
-                description="Events waiting to be cut into batches",
-            ),
-            meter.create_observable_up_down_counter(
-                "lehnz.sdk.queue.capacity",
-                [lambda _: [Observation(config.max_queue_size, attrs)]],
-                unit="{event}",
-                description="The most events that may wait (max_queue_size)",
-            ),
-            meter.create_observable_up_down_counter(
-                "lehnz.sdk.buffer.size",
-                [lambda _: [Observation(tracker.stats.backlog_bytes, attrs)]],
-                unit="By",
-                description="Bytes the queued and in-flight events are reckoned to hold",
-            ),
-            meter.create_observable_up_down_counter(
-                "lehnz.sdk.buffer.capacity",
-                [lambda _: [Observation(config.max_buffer_bytes, attrs)]],
-                unit="By",
-                description="The memory budget (max_buffer_bytes)",
-            ),
-            meter.create_observable_up_down_counter(
-                "lehnz.sdk.exporter.event.inflight",
-                [lambda _: [Observation(tracker.stats.in_flight, attrs)]],
-                unit="{event}",
-                description="Events cut into batches and not settled yet",
-            ),
-            meter.create_observable_up_down_counter(
-                "lehnz.sdk.exporter.request.inflight",
-                [lambda _: [Observation(tracker._ledger.requests_in_flight, attrs)]],
-                unit="{request}",
-                description="Requests to the ingestion endpoint under way",
-            ),
-            meter.create_observable_up_down_counter(
-                "lehnz.sdk.exporter.outage",
-                [lambda _: [Observation(int(tracker.stats.state == "outage"), attrs)]],
-                unit="1",
-                description="1 while the ingestion endpoint is treated as down",
-            ),
             meter.create_observable_counter(
                 "lehnz.sdk.exporter.outages",
-                [lambda _: [Observation(tracker.stats.outages, attrs)]],
+                [self._observe(lambda: tracker.stats.outages)],
                 unit="{outage}",
                 description="Outages of the ingestion endpoint so far",
             ),
         ]
+        for name, unit, description, read in gauges:
+            self._instruments.append(
+                meter.create_observable_up_down_counter(
+                    name, [self._observe(read)], unit=unit, description=description
+                )
+            )
         self._duration = meter.create_histogram(
             "lehnz.sdk.exporter.operation.duration",
             unit="s",
             description="Duration of each request to the ingestion endpoint",
         )
         tracker._ledger.request_observers.append(self._record)
+
+    def _observe(
+        self, read: Callable[[], int]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """An observable's callback: one observation of ``read()``."""
+        return lambda _: [Observation(read(), self._attrs)]
 
     def _processed(self, options: CallbackOptions) -> Iterable[Observation]:
         stats = self._tracker.stats
