@@ -33,7 +33,16 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import msgspec
-from drivers import DRIVERS, LATENCY_DRIVERS, LEHNZ_KEY, LEHNZ_PATH, PEERS, SinkClient, running_sink
+from drivers import (
+    DRIVERS,
+    LATENCY_DRIVERS,
+    LEHNZ_KEY,
+    LEHNZ_PATH,
+    PEERS,
+    SinkClient,
+    git_commit,
+    running_sink,
+)
 
 import lehnz_async
 
@@ -532,25 +541,6 @@ def format_report(result: dict[str, Any]) -> str:
 # -- entry points -----------------------------------------------------------------------------
 
 
-def git_commit() -> str | None:
-    """The repository's commit, with "+dirty" if lehnz_async/ has uncommitted changes."""
-
-    def git(*args: str) -> str | None:
-        root = str(Path(__file__).resolve().parents[1])
-        try:
-            proc = subprocess.run(
-                ["git", "-C", root, *args], capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit and git("status", "--porcelain", "--", "lehnz_async"):
-        commit += "+dirty"
-    return commit
-
-
 def gzip_figures(batches: int = 200, size: int = 500) -> dict[str, float]:
     """What ``compression="gzip"`` costs and saves on this stream: 500-event batches
     encoded as the tracker encodes them, then compressed as its transport does (level 1);
@@ -574,12 +564,12 @@ def gzip_figures(batches: int = 200, size: int = 500) -> dict[str, float]:
         cpu_us.append((time.process_time() - started) * 1e6)
         body_bytes.append(len(body))
         gzip_bytes.append(len(packed))
-    body, packed = statistics.median(body_bytes), statistics.median(gzip_bytes)
+    plain, packed_size = statistics.median(body_bytes), statistics.median(gzip_bytes)
     return {
         "batch_events": size,
-        "body_bytes": body,
-        "gzip_bytes": packed,
-        "ratio": body / packed,
+        "body_bytes": plain,
+        "gzip_bytes": packed_size,
+        "ratio": plain / packed_size,
         "cpu_us_per_batch": statistics.median(cpu_us),
         "cpu_us_per_event": statistics.median(cpu_us) / size,
     }
@@ -605,7 +595,7 @@ def run(
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "commit": git_commit(),
+        "commit": git_commit(Path(__file__).resolve().parents[1]),
         "lehnz_async": lehnz_async.__version__,
         "aiohttp": aiohttp.__version__,
         "msgspec": msgspec.__version__,

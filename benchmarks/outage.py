@@ -49,6 +49,7 @@ from drivers import (
     LehnzDriver,
     Peer,
     SinkClient,
+    git_commit,
     make_stream,
     rss_now,
     rss_peak,
@@ -920,25 +921,6 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 # -- entry points --------------------------------------------------------------------------------
-
-
-def git_commit(root: Path) -> str | None:
-    """The commit of the repository at ``root``, with "+dirty" if its lehnz_async/ has
-    uncommitted changes (None outside a repository)."""
-
-    def git(*args: str) -> str | None:
-        try:
-            proc = subprocess.run(
-                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit and git("status", "--porcelain", "--", "lehnz_async"):
-        commit += "+dirty"
-    return commit
 
 
 def _versions(libraries: Sequence[str]) -> dict[str, str]:
