@@ -180,8 +180,8 @@ class Flusher:
             if now >= next_tick:
                 drain = True
                 next_tick = now + interval
-                self._marks.append((self._ledger.taken + buffer.queued, now))
-                if config.max_event_age is not None:
+                if config.max_event_age is not None:  # marks only when they are used
+                    self._marks.append((self._ledger.taken + buffer.queued, now))
                     self._expire(now - config.max_event_age)
             if destination.outage:
                 await self._hold()
@@ -262,11 +262,15 @@ class Flusher:
             return
         old = marks[0][0]  # every event numbered below this was tracked before cutoff
         ledger, buffer = self._ledger, self._buffer
-        n = min(buffer.queued, old - ledger.taken)
-        if n > 0:
-            for _ in range(n):
+        dropped = 0
+        for _ in range(min(buffer.queued, old - ledger.taken)):
+            try:
                 (buffer.staged or buffer.events).popleft()
-            ledger.drop(n, taken=True, reason="max_event_age")
+            except IndexError:  # drop_oldest in another thread took the last one
+                break
+            dropped += 1
+        if dropped:
+            ledger.drop(dropped, taken=True, reason="max_event_age")
         for batch in [b for b in self.sender.parked if b.root + b.n <= old]:
             self.sender.parked.remove(batch)
             ledger.settle(batch, Fate.DROPPED, reason="max_event_age")

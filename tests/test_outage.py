@@ -270,3 +270,22 @@ def test_the_spill_stays_within_max_spool_bytes_and_the_rest_is_dropped_by_reaso
     assert max(sizes) <= 1_000_000
     assert set(stats.drops) == {"max_buffer_bytes"}  # what neither could hold, counted
     assert stats.delivered + stats.dropped == 500 * 205 and spool.rows == []
+
+
+@pytest.mark.parametrize("max_event_age", [None, 30.0])
+def test_age_marks_stay_bounded_over_a_long_run(max_event_age: float | None) -> None:
+    sim = scripted(latency=0.0, max_event_age=max_event_age)
+    marks: list[int] = []
+
+    async def main() -> None:
+        async with sim.tracker:
+            for _ in range(600):  # ten minutes of ticks
+                sim.track_some(1, plain=True)
+                await asyncio.sleep(1.0)
+            flusher = sim.tracker._binding.flusher
+            assert flusher is not None
+            marks.append(len(flusher._marks))
+
+    run_virtual(main)
+    sim.check_final()
+    assert marks[0] <= (0 if max_event_age is None else 32)
