@@ -174,12 +174,11 @@ class Sender:
 
     async def _next(self) -> tuple[Batch | None, bool]:
         """The next batch to send, and whether it holds a slot: parked ones first."""
-        while True:
-            await self._resumed.wait()
-            if self.parked:
-                return self.parked.pop(0), False
-            batch = await self._outbox.get()
-            return batch, batch is not None
+        await self._resumed.wait()
+        if self.parked:
+            return self.parked.pop(0), False
+        batch = await self._outbox.get()
+        return batch, batch is not None
 
     async def worker(self) -> None:
         """Deliver batches, one at a time, until handed None."""

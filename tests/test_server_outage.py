@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import anyio
-import looptime
 import pytest
 
 from lehnz_async import RetryPolicy, Tracker
@@ -190,6 +189,7 @@ def test_outages_run_on_the_loops_clock() -> None:
             ]
 
     started = time.monotonic()
+    looptime = pytest.importorskip("looptime", minversion="0.9")
     loop = looptime.new_event_loop(noop_cycles=1)
     try:
         loop.run_until_complete(main())

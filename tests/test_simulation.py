@@ -10,7 +10,6 @@ import threading
 import time
 from typing import Any
 
-import looptime
 import msgspec
 import pytest
 from hypothesis import settings
@@ -21,7 +20,11 @@ from lehnz_async import RetryPolicy, Tracker, _flusher, _transport
 from lehnz_async._batch import new_key
 from lehnz_async._sender import Sender
 
-from . import sim
+looptime = pytest.importorskip(
+    "looptime", minversion="0.9", reason="virtual time needs looptime 0.9 (Python 3.11+)"
+)
+
+from . import sim  # noqa: E402
 
 SEEDS = 2000
 
