@@ -17,9 +17,7 @@ from lehnz_async.testing import ReferenceServer
 
 from .conftest import FAST_RETRY, Errors, track_many, user_ids
 
-pytest.importorskip(
-    "looptime", minversion="0.9", reason="virtual time needs looptime 0.9 (Python 3.11+)"
-)
+pytest.importorskip("looptime", reason="virtual time needs looptime 0.9 (Python 3.11+)")
 
 from .sim import Sim, run_virtual, scripted
 

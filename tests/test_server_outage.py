@@ -189,7 +189,7 @@ def test_outages_run_on_the_loops_clock() -> None:
             ]
 
     started = time.monotonic()
-    looptime = pytest.importorskip("looptime", minversion="0.9")
+    looptime = pytest.importorskip("looptime")
     loop = looptime.new_event_loop(noop_cycles=1)
     try:
         loop.run_until_complete(main())

@@ -14,9 +14,7 @@ import pytest
 from lehnz_async import RetriesExhaustedError, RetryPolicy, ShutdownError
 from lehnz_async._spool import MemorySpool
 
-pytest.importorskip(
-    "looptime", minversion="0.9", reason="virtual time needs looptime 0.9 (Python 3.11+)"
-)
+pytest.importorskip("looptime", reason="virtual time needs looptime 0.9 (Python 3.11+)")
 
 from .sim import run_virtual, scripted
 
