@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -213,7 +214,7 @@ def _send_line(tracker: Tracker, raw: bytes) -> str | None:
     """Queue the event of one JSONL line; return why it is bad, or None."""
     try:
         line = _decode_line(raw)
-    except (ValueError, RecursionError):  # not a plain event: `_check_line` says why
+    except Exception:  # not a plain event (whatever msgspec raised): `_check_line` says why
         return _check_line(tracker, raw)
     if line.previous_user_id is not None or line.event_name == "identify":
         return _check_line(tracker, raw)
@@ -236,12 +237,8 @@ def _check_line(tracker: Tracker, raw: bytes) -> str | None:
     """`_send_line` for any bytes: queue the event, or say what is wrong with the line."""
     try:
         obj = _decode(raw)
-    except RecursionError:
-        return "not valid JSON (nested too deeply)"
-    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings
-        return f"not valid JSON (invalid UTF-8: {exc.reason} at byte {exc.start})"
-    except ValueError as exc:  # msgspec.DecodeError
-        return f"not valid JSON ({exc})"
+    except Exception:  # the kind of fault is ours to tell, whatever msgspec raised
+        return f"not valid JSON ({_json_fault(raw)})"
     if obj.__class__ is not dict:
         return f"not a JSON object but {_JSON_TYPES.get(type(obj), 'something else')}"
     if not _FIELDS.issuperset(obj):
@@ -267,6 +264,31 @@ def _check_line(tracker: Tracker, raw: bytes) -> str | None:
     except InvalidEventError as exc:
         return str(exc)
     return None
+
+
+_STRING = re.compile(rb'"(?:[^"\\\\]|\\\\.)*"?')  # a JSON string, or the unclosed tail of one
+MAX_LINE_DEPTH = 512  # arrays and objects in one another, at most, that `send` reads
+
+
+def _json_fault(raw: bytes) -> str:
+    """What is wrong with ``raw``, which did not decode as JSON: said in our own words,
+    never in a dependency's (its exceptions and wording change between releases)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"invalid UTF-8 at byte {exc.start}"
+    if raw.count(b"[") + raw.count(b"{") <= MAX_LINE_DEPTH:
+        return "malformed"
+    depth = deepest = 0
+    for byte in _STRING.sub(b"", raw):
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    if deepest > MAX_LINE_DEPTH:
+        return "nested too deeply"
+    return "malformed"
 
 
 def _context_key(context: object) -> bytes | None:

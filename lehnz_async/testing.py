@@ -111,7 +111,9 @@ def nginx_page(status: int) -> bytes:
 
 
 def _nginx_response(status: int) -> web.Response:
-    return web.Response(status=status, body=nginx_page(status), content_type="text/html")
+    return web.Response(
+        status=status, reason=_REASONS[status], body=nginx_page(status), content_type="text/html"
+    )
 
 
 class Outage(NamedTuple):

@@ -82,7 +82,9 @@ async def test_every_bad_or_refused_line_is_reported_by_number(tmp_path: Path) -
     assert "Traceback" not in err
     reported = {int(n) for n in re.findall(r"^line (\d+): ", err, re.M)}
     assert reported == {2, 3, 4, 5, 6, 8, 9, 10, 13, 14}, err
-    assert re.search(r"^line 2: not valid JSON \(invalid UTF-8", err, re.M), err
+    assert re.search(r"^line 2: not valid JSON \(invalid UTF-8 at byte 17\)$", err, re.M), err
+    assert re.search(r"^line 8: not valid JSON \(invalid UTF-8 at byte 1\)$", err, re.M), err
+    assert re.search(r"^line 4: not valid JSON \(nested too deeply\)$", err, re.M), err
     assert re.search(r"^line 3: not valid JSON \(nested too deeply\)$", err, re.M), err
     assert re.search(r"^line 6: not a JSON object but a number$", err, re.M), err
     assert re.search(r"^line 9: refused: .*413", err, re.M), err
