@@ -496,12 +496,16 @@ async def produce(library: str, sink_url: str, rate: float, flush_timeout: float
     marks: dict[str, dict[str, int]] = {}  # "down"/"up": counters when it happened
     samples: list[tuple[float, int, int, int]] = []  # (time, tracked, rss, lehnz requests)
     next_sample, hard_stop = t0, t0 + seconds + 30.0
+    outage_at: float | None = None
     await asyncio.sleep(max(0.0, t0 - time.monotonic()))
     while tracked < total:
         now = time.monotonic()
         if now > hard_stop:  # far behind schedule: stop anyway (reported as tracked)
             break
-        requests = tracker.stats.requests if tracker is not None else -1
+        stats = tracker.stats if tracker is not None else None
+        requests = stats.requests if stats is not None else -1
+        if stats is not None and outage_at is None and stats.state == "outage":
+            outage_at = now  # when the tracker itself declared the outage
         for name, at in (("down", down_at), ("up", up_at)):
             if name not in marks and now >= at:
                 marks[name] = {"tracked": tracked, "requests": requests}
@@ -533,6 +537,7 @@ async def produce(library: str, sink_url: str, rate: float, flush_timeout: float
         "t0": t0,
         "tracked": tracked,
         "marks": marks,
+        "outage_at": outage_at,
         "production_end": production_end,
         "samples": samples,
         "dropped_seqs": dropped_seqs,
@@ -731,7 +736,10 @@ def figures(library: str, producer: dict[str, Any], sink: dict[str, Any]) -> dic
     during = [
         (s, run_end if e is None else e) for s, e, _ in producer["attempts"] if down <= s < up
     ]
-    after_grace = [(s, e) for s, e in during if s >= down + GRACE]
+    # after the grace: from when lehnz_async declared the outage (it counts the grace from
+    # its own first failure, which a loaded machine may see late); for the peers, GRACE s in
+    declared = producer.get("outage_at")
+    after_grace = [(s, e) for s, e in during if s >= (declared or down + GRACE)]
     outcomes: dict[str, int] = {}
     for _, _, outcome in (a for a in producer["attempts"] if down <= a[0] < up):
         outcomes[str(outcome)] = outcomes.get(str(outcome), 0) + 1

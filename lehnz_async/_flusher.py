@@ -109,6 +109,7 @@ class Flusher:
             self.closing = True
         finally:
             self.orphaned = not self.closing
+            self.sender.close_unstarted()
             with anyio.CancelScope(shield=True):
                 self._settle_leftovers()
                 await self._ledger.commit_spool()

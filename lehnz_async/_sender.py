@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import inspect
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -115,6 +116,9 @@ class Sender:
         # that during a rate limit the whole sender waits, not just the batch told to
         self._paused_until = 0.0
         self._start_soon: Callable[..., Any] = lambda *args: None
+        # the coroutines handed to the task group: a task cancelled before its first step
+        # (a loop torn down) never starts its coroutine, which `close_unstarted` closes
+        self._spawned: list[Coroutine[Any, Any, None]] = []
         #: reads a spilled batch back from the spool (set by the flusher)
         self.restore: Callable[[Batch], Any] | None = None
 
@@ -124,13 +128,27 @@ class Sender:
         if self.destination.outage:  # an outage carried over from an earlier run
             self._start_probe()
 
+    def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._spawned = [c for c in self._spawned if c.cr_frame is not None]  # not finished
+        coro = fn()
+        self._spawned.append(coro)
+        self._start_soon(lambda: coro)
+
+    def close_unstarted(self) -> None:
+        """Close the coroutines whose tasks were cancelled before they began (after the
+        task group has exited), so that none is left never awaited."""
+        for coro in self._spawned:
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()
+        self._spawned.clear()
+
     def submit(self, batch: Batch) -> None:
         """Deliver ``batch`` (the caller holds one of `slots`, released when it settles)."""
         self._outbox.put_nowait(batch)
         if self._workers < self._max_workers:
             # lazily: a run torn down before its first batch leaves no task unstarted
             self._workers += 1
-            self._start_soon(self.worker)
+            self._spawn(self.worker)
 
     def park(self, batch: Batch) -> None:
         """Hold ``batch`` until the outage ends (the caller holds no slot for it)."""
@@ -347,7 +365,7 @@ class Sender:
         self._unqueue()
         if not self._probing:
             self._probing = True
-            self._start_soon(self._probe)
+            self._spawn(self._probe)
 
     async def _probe(self) -> None:
         """While the outage lasts: send the oldest parked batch, one request at a time,

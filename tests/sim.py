@@ -96,6 +96,7 @@ class SimTransport:
         self.log: list[tuple[float, float, str, int]] = []
         self.acked: dict[str, list[int]] = {}  # key -> ids, for 2xx answers
         self.requests = 0
+        self.statuses: list[int] = []  # the model server's answer to each request it handled
         self.latency: float | None = None  # fixed, or drawn per request
         #: an outage: every request fails this way until this loop time
         self.down_until = 0.0
@@ -155,6 +156,7 @@ class SimTransport:
                 status = sim.rng.choice((500, 502, 503, 504))
                 return read_answer(status, sim.rng.choice(BAD_BODIES), None)
             status, payload = sim.server.handle(body, idempotency_key)
+            self.statuses.append(status)
             if kind == "lost":
                 raise TransportFailure("ServerDisconnectedError: the answer was lost")
             if 200 <= status < 300:
