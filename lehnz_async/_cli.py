@@ -30,6 +30,7 @@ from ._exceptions import (
     InvalidEventError,
     RejectedError,
 )
+from ._inspector import host_name
 from ._tracker import Tracker
 from .testing import ReferenceServer
 
@@ -701,7 +702,9 @@ def _raise_fd_limit(want: int = 4096) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-async def _serve(host: str, port: int, keep: int, client_timeout: float) -> int:
+async def _serve(
+    host: str, port: int, keep: int, client_timeout: float, allow_hosts: Sequence[str] = ()
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -715,6 +718,7 @@ async def _serve(host: str, port: int, keep: int, client_timeout: float) -> int:
         keep=keep,  # memory stays bounded however long it runs
         keep_bodies=False,
         client_timeout=client_timeout,
+        allow_hosts=allow_hosts,
     )
     async with server:
         print(f"listening on {server.url}", flush=True)
@@ -788,7 +792,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="for a request's body, and between requests on a connection (default: %(default)s)",
     )
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        type=_host_name,
+        metavar="NAME",
+        help="a host name the inspector also answers to, beside localhost, 127.0.0.1, [::1] "
+        "and --host (repeatable; any other Host header gets 403, against DNS rebinding)",
+    )
     return parser
+
+
+def _host_name(text: str) -> str:
+    try:
+        return host_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -813,7 +833,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return asyncio.run(_demo(args.events, args.seed, args.outage))
         if serving:
-            return asyncio.run(_serve(args.host, args.port, args.keep, args.client_timeout))
+            return asyncio.run(
+                _serve(args.host, args.port, args.keep, args.client_timeout, args.allow_host)
+            )
         options = {
             "api_key": args.api_key,
             "endpoint": args.endpoint,

@@ -4,63 +4,64 @@
 
 - ``GET /``: the page (``lehnz_async/inspector/``: plain HTML, JS and CSS, no build step,
   nothing fetched from elsewhere). A live table of accepted events (new rows arrive over
-  server-sent events), filters by ``user_id``, ``event_name`` and ``event_family``, each
-  event's JSON and the request it came in, a tab of refused requests, and counters.
+  server-sent events) with filters, a search, "load older", pause and export; a per-user
+  timeline across identify events; each event's JSON and the request it came in; a tab
+  of refused requests; counters.
 - ``GET /inspector/stream``: the server-sent events behind the page. One ``request``
   message per ingest request once it is answered (``{"request": ..., "events": [...],
   "counters": ...}``), and ``reset`` when the server is cleared. A browser that reads too
   slowly (more than `MAX_CLIENT_BYTES` waiting for it) has its stream closed; it
   reconnects and reloads from the API, so a slow reader never grows the server's memory.
-- ``GET /inspector/api/events?user_id=&event_name=&event_family=&after=&limit=``: the
-  events held, oldest first, each with its id and its request; exact matches, empty
-  parameters ignored; ``after=ID`` only those after that id, ``limit=N`` the last N.
-- ``GET /inspector/api/refused?after=&limit=``: the refused requests held, oldest first.
+- ``GET /inspector/api/events?user_id=&event_name=&event_family=&item_id=&session_id=
+  &recommendation_id=&q=&after=&before=&limit=``: the events held, oldest first, each with
+  its id and its request; exact matches, empty parameters ignored, ``q`` a
+  case-insensitive search of the event's values; ``after``/``before`` bound the ids,
+  ``limit=N`` keeps the last N, and ``more`` says whether older ones matched beyond it.
+- ``GET /inspector/api/timeline?user_id=``: one person's events, the ids joined by the
+  identify events held (anonymous and signed in), oldest first; ``before``/``limit`` too.
+- ``GET /inspector/api/export?format=csv|json&...``: the events the same parameters (or
+  ``timeline=USER``) select, as a download: CSV, or a JSON array of the events as sent.
+- ``GET /inspector/api/refused?after=&before=&limit=``: the refused requests held.
 - ``GET /inspector/api/counters``: what the counters on the page show.
-- ``POST /inspector/api/reset``: forget what the server holds (events, requests, the
-  ``Idempotency-Key``s seen, recommendations and popularity) and zero the counters. Its
-  `FaultPlan`, revoked keys and outages stay as they are.
+- ``POST /inspector/api/reset``: `ReferenceServer.reset`, and zero the counters.
+
+Each of these answers 403 unless the request's ``Host`` is a loopback name (``localhost``,
+``127.0.0.1``, ``[::1]``), the server's own host, or one in ``ReferenceServer.allow_hosts``:
+a page on another site that reaches the port through DNS rebinding sends its own name.
+The ingestion and recommend endpoints do not check it.
 
 What the inspector holds is bounded like the server: with ``keep=N`` the last N events and
 the last N refused requests (``lehnz-async serve`` keeps 10,000). Request headers are shown
-with ``X-API-KEY`` (and ``Authorization``, ``Proxy-Authorization``, ``Cookie``) masked.
+with ``X-API-KEY``, ``Authorization``, ``Proxy-Authorization`` and ``Cookie`` masked, and
+anything shaped like a Lehnz key masked in every other header.
+
+It reads the server only through its public API (`ReferenceServer.subscribe`, ``reset``,
+``keep``, ``allow_hosts``...): this module imports nothing from ``lehnz_async.testing``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
 import importlib.resources
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from .testing import ReferenceServer, RequestRecord
+from ._inspector_store import FILTERS, InspectedRequest, Query, Store, mask, mask_headers, to_csv
+from ._inspector_stream import MAX_CLIENT_BYTES, Streams
+
+__all__ = ["MAX_CLIENT_BYTES", "InspectedRequest", "Inspector", "host_name", "mask_headers"]
 
 logger = logging.getLogger("lehnz_async.testing")
 
 STREAM_PATH = "/inspector/stream"
 API_PATH = "/inspector/api"
-#: Bytes of messages that may wait for one browser; past that its stream is closed (it
-#: reconnects and reloads what it shows from the API).
-MAX_CLIENT_BYTES = 4 * 1024 * 1024
-#: Browsers (streams) served at once; more get 503.
-MAX_CLIENTS = 64
-#: Seconds between two keep-alive comments on an idle stream (which also find out that a
-#: browser went away).
-HEARTBEAT = 15.0
-#: Headers whose value is never shown.
-SECRET_HEADERS = frozenset({"x-api-key", "authorization", "proxy-authorization", "cookie"})
-_KEY_PREFIX = re.compile(r"lehnz_[a-z]{2}_")
-_TITLE = re.compile(rb"<title>(.*?)</title>", re.S | re.I)
-#: The messages for which the server names no event but one may be found in the body.
-_VALIDATION = frozenset({"Malformed JSON", "Missing mandatory fields", "Invalid event_family"})
-_FILTERS = ("user_id", "event_name", "event_family")
+#: The names the inspector always answers to.
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 _STATIC = {
     "index.html": "text/html",
     "app.js": "text/javascript",
@@ -75,127 +76,114 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
+_EXPORTS = {
+    "csv": ("text/csv", "lehnz-events.csv"),
+    "json": ("application/json", "lehnz-events.json"),
+}
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class InspectedRequest(msgspec.Struct, kw_only=True):
-    """One ingest request, as the inspector shows it (and its API returns it)."""
+class _Record(Protocol):
+    """What the inspector reads of a `lehnz_async.testing.RequestRecord`."""
 
-    #: Numbered from 1, in the order the requests were answered; never reused.
-    id: int
-    #: When it arrived, in seconds since the epoch.
-    time: float
-    #: The answer's status; 0 when there was none (connection dropped or cut).
+    received_at: float
+    answered_at: float
     status: int
-    #: ``"accepted"``, ``"duplicate"`` (202 again for a known ``Idempotency-Key``) or
-    #: ``"refused"`` (any other answer, or none).
-    outcome: str
-    #: The answer's message (``error`` of its JSON, a proxy page's title), if any.
-    message: str | None
-    #: Events in the body, when it could be read and decoded.
-    batch_size: int | None
-    #: Bytes of the body as sent (0 when it was refused before it was read).
-    body_bytes: int
-    idempotency_key: str | None
-    #: The request's headers, secrets masked.
     headers: dict[str, str]
     remote: str | None
-    #: Milliseconds from its arrival to its answer.
-    duration_ms: float
-    #: For a ``400``: the event that was refused, where known (a `FaultPlan.reject_event`
-    #: verdict, or the first event that fails validation).
-    event: Any = None
+    body_size: int
+    message: str | None
+    duplicate: bool
+    batch_size: int | None
+    refused_event: Any
+
+    @property
+    def idempotency_key(self) -> str | None: ...
+
+    @property
+    def refused(self) -> bool: ...
 
 
-class _Batch:
-    """The events one request brought, with the id of the first one."""
+class _Server(Protocol):
+    """What the inspector uses of a `lehnz_async.testing.ReferenceServer`."""
 
-    __slots__ = ("events", "first_id", "request")
+    host: str
+    port: int
+    keep: int | None
+    allow_hosts: frozenset[str]
 
-    def __init__(self, first_id: int, events: list[dict[str, Any]], request: InspectedRequest):
-        self.first_id = first_id
-        self.events = events
-        self.request = request
+    @property
+    def ssl_context(self) -> Any: ...
+
+    def subscribe(
+        self,
+        on_request: Callable[[Any, list[dict[str, Any]]], None],
+        on_reset: Callable[[], None] | None = None,
+    ) -> Callable[[], None]: ...
+
+    def reset(self) -> None: ...
+
+    def notify(self) -> None: ...
 
 
-class _Client:
-    """One browser's stream: the messages waiting for it, bounded in bytes."""
+def host_name(name: str) -> str:
+    """A host name as the inspector compares it: lower case, an IPv6 address bracketed.
 
-    __slots__ = ("closed", "frames", "overflowed", "size", "transport", "wake")
+    Raises:
+        ValueError: ``name`` is empty, or holds a port, a path or a user.
+    """
+    name = name.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if not name or any(c in name for c in "/ @?#[]"):
+        raise ValueError(f"not a host name: {name!r}")
+    return f"[{name}]" if ":" in name else name
 
-    def __init__(self, transport: asyncio.Transport | None) -> None:
-        self.transport = transport
-        self.frames: list[bytes] = []
-        self.size = 0
-        self.closed = False
-        self.overflowed = False
-        self.wake = asyncio.Event()
 
-    def push(self, frame: bytes) -> None:
-        if self.closed:
-            return
-        if self.size + len(frame) > MAX_CLIENT_BYTES:  # cut it off: a write may be stuck
-            self.overflowed = True
-            self.close()
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        self.frames.append(frame)
-        self.size += len(frame)
-        self.wake.set()
-
-    def take(self) -> bytes:
-        data = b"".join(self.frames)
-        self.frames = []
-        self.size = 0
-        return data
-
-    def close(self) -> None:
-        self.closed = True
-        self.frames = []
-        self.size = 0
-        self.wake.set()
+def _host_of(header: str) -> str:
+    """The name in a ``Host`` header (``name``, ``name:port``, ``[v6]:port``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1] if "]" in header else ""
+    return header.rpartition(":")[0] if ":" in header else header
 
 
 _encode = msgspec.json.encode
-_decode = msgspec.json.Decoder().decode
 
 
 class Inspector:
-    """What a `ReferenceServer` shows at ``/``; the server calls it as requests are answered.
+    """What a `ReferenceServer` shows at ``/``; it subscribes to the server's requests.
 
     Args:
         server: The server it belongs to (its ``keep`` bounds what is held).
     """
 
-    def __init__(self, server: ReferenceServer) -> None:
+    def __init__(self, server: _Server) -> None:
         self._server = server
-        self._batches: collections.deque[_Batch] = collections.deque()
-        self._held = 0  # events in _batches
-        self._refused: collections.deque[InspectedRequest] = collections.deque()
-        self._next_event = 1
+        self._store = Store()
         self._next_request = 1
         self._counters = {"events": 0, "requests": 0, "refused": 0, "duplicates": 0}
         self._resets = 0
-        # per request in progress (by id() of its RequestRecord): its stored events, and
-        # the event a reject_event verdict named
-        self._pending_events: dict[int, list[dict[str, Any]]] = {}
-        self._pending_refused: dict[int, Any] = {}
-        self._clients: set[_Client] = set()
+        self._streams = Streams(server.notify)
         self._static: dict[str, bytes] = {}
+        server.subscribe(self.record, self._on_reset)
 
     # -- wiring ---------------------------------------------------------------------------
 
     def install(self, app: web.Application) -> None:
-        """Add the page, the stream and the API to the server's app."""
-        app.router.add_get("/", self._page)
+        """Add the page, the stream and the API to the server's app, behind the Host check."""
+        add_get = app.router.add_get
+        add_get("/", self._guard(self._page))
         for name in _STATIC:
-            app.router.add_get(f"/inspector/{name}", self._page)
-        app.router.add_get(STREAM_PATH, self._stream)
-        app.router.add_get(f"{API_PATH}/events", self._api_events)
-        app.router.add_get(f"{API_PATH}/refused", self._api_refused)
-        app.router.add_get(f"{API_PATH}/counters", self._api_counters)
-        app.router.add_post(f"{API_PATH}/reset", self._api_reset)
-        app.on_shutdown.append(self._close_streams)
+            add_get(f"/inspector/{name}", self._guard(self._page))
+        add_get(STREAM_PATH, self._guard(self._streams.serve))
+        add_get(f"{API_PATH}/events", self._guard(self._api_events))
+        add_get(f"{API_PATH}/timeline", self._guard(self._api_timeline))
+        add_get(f"{API_PATH}/export", self._guard(self._api_export))
+        add_get(f"{API_PATH}/refused", self._guard(self._api_refused))
+        add_get(f"{API_PATH}/counters", self._guard(self._api_counters))
+        app.router.add_post(f"{API_PATH}/reset", self._guard(self._api_reset))
+        app.on_shutdown.append(self._streams.close)
 
     @property
     def url(self) -> str:
@@ -207,93 +195,73 @@ class Inspector:
         scheme = "http" if server.ssl_context is None else "https"
         return f"{scheme}://{host}:{server.port}/"
 
-    # -- record-keeping (called by the server) --------------------------------------------
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """The ``Host`` names the page and its API answer to."""
+        server = self._server
+        own = {host_name(server.host)} if server.host else set()
+        return LOOPBACK_NAMES | own | server.allow_hosts
 
-    def note_events(self, record: RequestRecord, events: list[dict[str, Any]]) -> None:
-        """``record``'s events were stored."""
-        self._pending_events[id(record)] = events
+    def _guard(self, handler: _Handler) -> _Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            host = request.headers.get("Host", "")
+            if _host_of(host) not in self.allowed_hosts:
+                logger.warning("inspector: refused a request for Host %r", host[:100])
+                return _json(
+                    {
+                        "error": f"Host {host[:100]!r} is not allowed. The inspector answers "
+                        "only to localhost, 127.0.0.1, [::1], the server's own host and the "
+                        "names added with ReferenceServer(allow_hosts=...) or `lehnz-async "
+                        "serve --allow-host NAME` (a defence against DNS rebinding)."
+                    },
+                    403,
+                )
+            return await handler(request)
 
-    def note_refused(self, record: RequestRecord, event: Any) -> None:
-        """``record`` is refused because of ``event``."""
-        self._pending_refused[id(record)] = event
+        return guarded
 
-    def record(
-        self, request: web.BaseRequest, record: RequestRecord, response: web.StreamResponse | None
-    ) -> None:
-        """``record`` is answered (or dropped, ``response`` None); its body is still there."""
-        try:
-            self._record(request, record, response)
-        except Exception as exc:  # never let the inspector break the ingestion contract
-            logger.error("inspector: could not record request: %r", exc)
+    # -- record-keeping (the server's subscription) ---------------------------------------
 
-    def _record(
-        self, request: web.BaseRequest, record: RequestRecord, response: web.StreamResponse | None
-    ) -> None:
-        key = id(record)
-        events = self._pending_events.pop(key, None)
-        offending = self._pending_refused.pop(key, _UNKNOWN)
-        status = record.status
-        message, duplicate = _answer(response) if status else (None, False)
-        if status == 0:
-            message = "no answer: the connection was dropped"
-            if events:
-                message += " after its events were stored"
-        refused = not 200 <= status < 300
-        batch_size: int | None = len(events) if events is not None else None
-        if refused and batch_size is None and record.body:
-            batch_size, found = _inspect_body(request, record.body, self._server)
-            if offending is _UNKNOWN and status == 400 and message in _VALIDATION:
-                offending = found
+    def record(self, record: _Record, events: list[dict[str, Any]]) -> None:
+        """``record`` is answered (or dropped); ``events`` are what it stored."""
         now = time.monotonic()
+        refused = record.refused
+        key = record.idempotency_key
         info = InspectedRequest(
             id=self._next_request,
             time=time.time() - (now - record.received_at),
-            status=status,
-            outcome="refused" if refused else "duplicate" if duplicate else "accepted",
-            message=message,
-            batch_size=batch_size,
-            body_bytes=len(record.body) or (request.content_length or 0),
-            idempotency_key=record.idempotency_key,
+            status=record.status,
+            outcome="refused" if refused else "duplicate" if record.duplicate else "accepted",
+            message=record.message,
+            batch_size=record.batch_size,
+            body_bytes=record.body_size,
+            idempotency_key=None if key is None else mask(key),
             headers=mask_headers(record.headers),
-            remote=request.remote,
+            remote=record.remote,
             duration_ms=round(((record.answered_at or now) - record.received_at) * 1000, 3),
-            event=None if offending is _UNKNOWN else offending,
+            event=record.refused_event,
         )
         self._next_request += 1
         counters = self._counters
         counters["requests"] += 1
         keep = self._server.keep
-        first_id = self._next_event
-        if events:
-            self._add_batch(_Batch(first_id, events, info), keep)
-            counters["events"] += len(events)
+        first_id = self._store.add(events, info, keep)
+        counters["events"] += len(events)
         if refused:
             counters["refused"] += 1
-            self._refused.append(info)
-            if keep is not None and len(self._refused) > keep:
-                self._refused.popleft()
-        elif duplicate:
+            self._store.add_refused(info, keep)
+        elif record.duplicate:
             counters["duplicates"] += 1
-        if self._clients:
-            items = [{"id": first_id + i, "event": e} for i, e in enumerate(events or ())]
-            message_ = {"request": info, "events": items, "counters": self.counters()}
-            self._broadcast(b"request", _encode(message_))
+        if len(self._streams):
+            items = [{"id": first_id + i, "event": e} for i, e in enumerate(events)]
+            message = {"request": info, "events": items, "counters": self.counters()}
+            self._streams.broadcast(b"request", _encode(message))
 
-    def _add_batch(self, batch: _Batch, keep: int | None) -> None:
-        batches = self._batches
-        batches.append(batch)
-        self._next_event += len(batch.events)
-        self._held += len(batch.events)
-        if keep is None or self._held <= keep:
-            return
-        while self._held - len(batches[0].events) >= keep:
-            self._held -= len(batches.popleft().events)
-        if self._held > keep:  # the oldest batch only in part
-            first = batches[0]
-            cut = self._held - keep
-            first.events = first.events[cut:]
-            first.first_id += cut
-            self._held = keep
+    def _on_reset(self) -> None:
+        self._store.clear()
+        self._counters = dict.fromkeys(self._counters, 0)
+        self._resets += 1
+        self._streams.broadcast(b"reset", _encode({"counters": self.counters()}))
 
     def counters(self) -> dict[str, int]:
         """Events accepted, requests, refused requests and duplicates since the last reset;
@@ -301,62 +269,32 @@ class Inspector:
         there were (together they order two readings of the counters)."""
         return {
             **self._counters,
-            "held": self._held,
+            "held": self._store.held,
             "last_request": self._next_request - 1,
             "resets": self._resets,
         }
 
     def reset(self) -> None:
-        """Forget what the server holds and zero the counters (ids keep counting)."""
-        server = self._server
-        server.events.clear()
-        server.requests.clear()
-        server.duplicates = 0
-        server.recommendations.clear()
-        server._accepted_keys.clear()
-        server._popularity.clear()
-        self._batches.clear()
-        self._held = 0
-        self._refused.clear()
-        self._counters = dict.fromkeys(self._counters, 0)
-        self._resets += 1
-        logger.info("inspector: reset; the server holds nothing")
-        self._broadcast(b"reset", _encode({"counters": self.counters()}))
-        server._notify()
+        """`ReferenceServer.reset`: forget what the server holds, and zero the counters
+        (ids keep counting)."""
+        self._server.reset()
+
+    @property
+    def streams(self) -> int:
+        """Browsers (streams) connected now."""
+        return len(self._streams)
 
     # -- queries --------------------------------------------------------------------------
 
     def events(
-        self,
-        *,
-        after: int = 0,
-        limit: int | None = None,
-        **filters: str,
+        self, *, after: int = 0, limit: int | None = None, search: str = "", **filters: str
     ) -> list[tuple[int, dict[str, Any], InspectedRequest]]:
         """The events held (id, event, request), oldest first; ``filters`` match exactly."""
-        wanted = [(name, value) for name, value in filters.items() if value]
-        found: list[tuple[int, dict[str, Any], InspectedRequest]] = []
-        for batch in reversed(self._batches):  # newest first, to stop at the limit
-            if batch.first_id + len(batch.events) - 1 <= after:
-                break
-            for i in range(len(batch.events) - 1, -1, -1):
-                id_ = batch.first_id + i
-                if id_ <= after:
-                    break
-                event = batch.events[i]
-                if all(event.get(name) == value for name, value in wanted):
-                    found.append((id_, event, batch.request))
-                    if limit is not None and len(found) >= limit:
-                        break
-            if limit is not None and len(found) >= limit:
-                break
-        found.reverse()
-        return found
+        return self._store.select(Query(filters, search), after=after, limit=limit)[0]
 
     def refused(self, *, after: int = 0, limit: int | None = None) -> list[InspectedRequest]:
         """The refused requests held, oldest first."""
-        found = [r for r in self._refused if r.id > after]
-        return found[-limit:] if limit is not None else found
+        return self._store.refused(after=after, limit=limit)[0]
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -370,40 +308,77 @@ class Inspector:
         response.headers.update(_SECURITY_HEADERS)
         return response
 
+    def _listing(self, items: list[Any], more: bool, name: str, last_id: int) -> dict[str, Any]:
+        return {
+            "count": len(items),
+            name: items,
+            "more": more,
+            "last_id": last_id,
+            "keep": self._server.keep,
+            "counters": self.counters(),
+        }
+
     async def _api_events(self, request: web.Request) -> web.Response:
-        query = request.query
         try:
-            after, limit = _paging(query)
+            after, before, limit = _paging(request.query)
         except ValueError as exc:
             return _json({"error": str(exc)}, 400)
-        filters = {name: query.get(name, "") for name in _FILTERS}
-        found = self.events(after=after, limit=limit, **filters)
-        items = [{"id": id_, "event": event, "request": req} for id_, event, req in found]
-        return _json(
-            {
-                "count": len(items),
-                "events": items,
-                "last_id": self._next_event - 1,
-                "keep": self._server.keep,
-                "counters": self.counters(),
-            }
+        found, more = self._store.select(
+            _query(request.query), after=after, before=before, limit=limit
         )
+        items = [{"id": id_, "event": event, "request": req} for id_, event, req in found]
+        return _json(self._listing(items, more, "events", self._store.next_event - 1))
+
+    async def _api_timeline(self, request: web.Request) -> web.Response:
+        user = request.query.get("user_id", "")
+        try:
+            after, before, limit = _paging(request.query)
+            if not user:
+                raise ValueError("user_id is required")
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
+        ids, links = self._store.identity(user)
+        query = Query(users=frozenset(ids))
+        found, more = self._store.select(query, after=after, before=before, limit=limit)
+        items = [{"id": id_, "event": event, "request": req} for id_, event, req in found]
+        anonymous = sorted({link["previous_user_id"] for link in links})
+        listing = self._listing(items, more, "events", self._store.next_event - 1)
+        return _json(
+            {"user_id": user, "ids": ids, "anonymous": anonymous, "links": links, **listing}
+        )
+
+    async def _api_export(self, request: web.Request) -> web.Response:
+        query = request.query
+        kind = _EXPORTS.get(query.get("format", "json"))
+        try:
+            after, before, limit = _paging(query)
+            if kind is None:
+                raise ValueError("format must be csv or json")
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
+        user = query.get("timeline", "")
+        selection = Query(users=frozenset(self._store.identity(user)[0])) if user else None
+        found, _ = self._store.select(
+            selection or _query(query), after=after, before=before, limit=limit
+        )
+        content_type, filename = kind
+        if content_type == "text/csv":
+            body = to_csv(found).encode()
+        else:
+            body = _encode([event for _, event, _ in found])
+        response = web.Response(body=body, content_type=content_type, charset="utf-8")
+        response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
     async def _api_refused(self, request: web.Request) -> web.Response:
         try:
-            after, limit = _paging(request.query)
+            after, before, limit = _paging(request.query)
         except ValueError as exc:
             return _json({"error": str(exc)}, 400)
-        found = self.refused(after=after, limit=limit)
-        return _json(
-            {
-                "count": len(found),
-                "refused": found,
-                "last_id": self._next_request - 1,
-                "keep": self._server.keep,
-                "counters": self.counters(),
-            }
-        )
+        found, more = self._store.refused(after=after, before=before, limit=limit)
+        return _json(self._listing(found, more, "refused", self._next_request - 1))
 
     async def _api_counters(self, request: web.Request) -> web.Response:
         return _json(self.counters())
@@ -415,138 +390,29 @@ class Inspector:
         self.reset()
         return _json({"reset": True, "counters": self.counters()})
 
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        if len(self._clients) >= MAX_CLIENTS:
-            return _json({"error": f"at most {MAX_CLIENTS} inspector streams at once"}, 503)
-        client = _Client(request.transport)
-        self._clients.add(client)
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        logger.debug("inspector: stream opened for %s", request.remote)
-        self._server._notify()
-        try:
-            await response.prepare(request)
-            await response.write(b"retry: 1000\n: live\n\n")
-            while True:
-                if not client.frames and not client.closed:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(client.wake.wait(), HEARTBEAT)
-                client.wake.clear()
-                if client.closed:
-                    break
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    break
-                await response.write(client.take() or b": ping\n\n")
-        except ConnectionError:  # the browser went away mid-write
-            pass
-        finally:
-            self._clients.discard(client)
-            client.close()
-            self._server._notify()
-        if client.overflowed:
-            logger.warning(
-                "inspector: the stream to %s fell %d bytes behind and was closed (it reconnects)",
-                request.remote,
-                MAX_CLIENT_BYTES,
-            )
-        else:
-            logger.debug("inspector: stream closed for %s", request.remote)
-        return response
-
-    def _broadcast(self, kind: bytes, data: bytes) -> None:
-        if not self._clients:
-            return
-        frame = b"event: " + kind + b"\ndata: " + data + b"\n\n"
-        for client in list(self._clients):
-            client.push(frame)
-            if client.closed:  # it fell too far behind: it no longer counts
-                self._clients.discard(client)
-
-    async def _close_streams(self, app: web.Application) -> None:
-        for client in self._clients:
-            client.close()
-
-    @property
-    def streams(self) -> int:
-        """Browsers (streams) connected now."""
-        return len(self._clients)
-
-
-_UNKNOWN: Any = object()
-
-
-def mask_headers(headers: dict[str, str]) -> dict[str, str]:
-    """``headers`` with the values of `SECRET_HEADERS` masked: a Lehnz key keeps its kind
-    (``lehnz_pk_****``), anything else becomes ``****``."""
-    masked = {}
-    for name, value in headers.items():
-        if name.lower() in SECRET_HEADERS:
-            prefix = _KEY_PREFIX.match(value)
-            value = (prefix[0] if prefix else "") + "****"
-        masked[name] = value
-    return masked
-
-
-def _answer(response: web.StreamResponse | None) -> tuple[str | None, bool]:
-    """The message an answer carries, and whether it says the request was a duplicate."""
-    if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
-        return None, False
-    body = response.body
-    if response.content_type == "application/json":
-        try:
-            data = _decode(body)
-        except (ValueError, RecursionError):
-            return None, False
-        if isinstance(data, dict):
-            error = data.get("error")
-            return (error if isinstance(error, str) else None), data.get("duplicate") is True
-        return None, False
-    if response.content_type == "text/html":
-        title = _TITLE.search(body)
-        return (title[1].decode("utf-8", "replace").strip() if title else None), False
-    return body[:200].decode("utf-8", "replace") or None, False
-
-
-def _inspect_body(
-    request: web.BaseRequest, body: bytes, server: ReferenceServer
-) -> tuple[int | None, Any]:
-    """A refused body's batch size and its first event that fails validation (or
-    `_UNKNOWN`), where the body can be decoded."""
-    from . import testing
-
-    inflated = testing._inflate(request, body, server.faults.max_body_size)
-    if isinstance(inflated, web.Response):
-        return None, _UNKNOWN
-    try:
-        data = _decode(inflated)
-    except (ValueError, RecursionError):
-        return None, _UNKNOWN
-    events = data if isinstance(data, list) else [data]
-    for event in events:
-        if not isinstance(event, dict) or isinstance(testing._decode_events(_encode(event)), str):
-            return len(events), event
-    return len(events), _UNKNOWN
-
 
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
-def _paging(query: Any) -> tuple[int, int | None]:
-    after_text, limit_text = query.get("after", ""), query.get("limit", "")
-    if after_text and not _DIGITS.fullmatch(after_text):
-        raise ValueError("after must be an event or request id (an integer >= 0)")
-    if limit_text and (not _DIGITS.fullmatch(limit_text) or int(limit_text) < 1):
-        raise ValueError("limit must be a positive integer")
-    return int(after_text or 0), int(limit_text) if limit_text else None
+def _paging(query: Mapping[str, str]) -> tuple[int, int | None, int | None]:
+    """``after``, ``before`` and ``limit`` from a query (ValueError names the bad one)."""
+    values: list[int | None] = []
+    for name in ("after", "before", "limit"):
+        text = query.get(name, "")
+        if text and (not _DIGITS.fullmatch(text) or (name == "limit" and int(text) < 1)):
+            what = "a positive integer" if name == "limit" else "an id (an integer >= 0)"
+            raise ValueError(f"{name} must be {what}")
+        values.append(int(text) if text else None)
+    after, before, limit = values
+    return after or 0, before, limit
+
+
+def _query(query: Mapping[str, str]) -> Query:
+    return Query({name: query.get(name, "") for name in FILTERS}, query.get("q", "").strip())
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     response = web.Response(body=_encode(data), status=status, content_type="application/json")
     response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Content-Type-Options"] = "nosniff"
     return response

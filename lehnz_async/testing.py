@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 import msgspec
 from aiohttp import web
 
-from ._inspector import Inspector
+from ._inspector import Inspector, host_name
 
 __all__ = [
     "DEFAULT_TEST_KEY",
@@ -171,12 +171,16 @@ class FaultPlan:
             the array, as the contract assumes).
         random_faults: ``(probability, Fault)`` pairs drawn for each ingest request
             (after any queued fault), with ``seed`` for repeatable runs.
+        fail_event: Called with each event of a valid request; a returned status (500,
+            say) answers the whole request with it, storing nothing: a server bug that
+            one payload triggers every time (a poison event).
     """
 
     latency: float = 0.0
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     proxy_body_limit: int | None = None
     reject_event: Callable[[dict[str, Any]], str | None] | None = None
+    fail_event: Callable[[dict[str, Any]], int | None] | None = None
     random_faults: list[tuple[float, Fault]] = dataclasses.field(default_factory=list)
     seed: int | None = None
     _queued: collections.deque[Fault] = dataclasses.field(
@@ -236,10 +240,30 @@ class RequestRecord:
     headers: dict[str, str]
     #: time.monotonic() when it was answered (or dropped).
     answered_at: float = 0.0
+    #: The peer's address, if known.
+    remote: str | None = None
+    #: Bytes of the body as sent: as read, else as its ``Content-Length`` announced (a body
+    #: refused before it was read); 0 when not known. Kept with ``keep_bodies=False`` too.
+    body_size: int = 0
+    #: The answer's message: the ``error`` of its JSON, the title of a proxy's HTML page;
+    #: None for a ``202`` or no answer.
+    message: str | None = None
+    #: Answered ``202`` again for an ``Idempotency-Key`` already accepted (nothing stored).
+    duplicate: bool = False
+    #: Events in the body, where it could be read and decoded; None otherwise.
+    batch_size: int | None = None
+    #: For a ``400``: the event refused, where known (the one a `FaultPlan.reject_event`
+    #: refused, or the first that fails validation); None otherwise.
+    refused_event: Any = None
 
     @property
     def idempotency_key(self) -> str | None:
         return self.headers.get("Idempotency-Key")
+
+    @property
+    def refused(self) -> bool:
+        """Answered other than ``2xx``, or not at all (status 0)."""
+        return not 200 <= self.status < 300
 
 
 _JSON = msgspec.json.Decoder()
@@ -286,6 +310,7 @@ class ReferenceServer:
         client_timeout: float | None = None,
         backlog: int = DEFAULT_BACKLOG,
         ssl_context: ssl.SSLContext | None = None,
+        allow_hosts: Iterable[str] = (),
     ) -> None:
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be a positive int or None, not {keep!r}")
@@ -301,6 +326,10 @@ class ReferenceServer:
         self.client_timeout = client_timeout
         #: Serve HTTPS with this context (tests of a client's TLS settings).
         self.ssl_context = ssl_context
+        #: Host names the inspector answers to beyond loopback's and ``host`` (its page and
+        #: API refuse any other ``Host`` header with 403: a DNS-rebinding defence). The
+        #: ingestion and recommend endpoints answer whatever the ``Host``.
+        self.allow_hosts = frozenset(host_name(name) for name in allow_hosts)
         self.revoked: set[str] = set()
         #: Every accepted event, in arrival order, as decoded JSON objects.
         self.events: list[dict[str, Any]] = []
@@ -330,6 +359,8 @@ class ReferenceServer:
         self._restoring: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()  # ingest requests in progress
         self._backlog = backlog
+        self._subscribers: list[_Subscriber] = []
+        self._stored: dict[int, list[dict[str, Any]]] = {}  # by id() of a request's record
         #: The event inspector: the page at ``/`` and its JSON API (``lehnz_async._inspector``).
         self.inspector = Inspector(self)
 
@@ -414,6 +445,58 @@ class ReferenceServer:
     def revoke(self, key: str) -> None:
         """Answer 401 to ``key`` from now on."""
         self.revoked.add(key)
+
+    # -- what it holds, for tools -----------------------------------------------------------
+
+    @property
+    def refused(self) -> list[RequestRecord]:
+        """The refused ingest requests among `requests` (answered other than ``2xx``, or
+        not at all), oldest first."""
+        return [record for record in self.requests if record.refused]
+
+    def reset(self) -> None:
+        """Forget what the server holds: `events`, `requests`, `duplicates`, the
+        ``Idempotency-Key``s seen, `recommendations` and the popularity behind them. Its
+        `FaultPlan`, revoked keys and outages stay as they are. Subscribers hear of it."""
+        self.events.clear()
+        self.requests.clear()
+        self.duplicates = 0
+        self.recommendations.clear()
+        self._accepted_keys.clear()
+        self._popularity.clear()
+        logger.info("reset: the server holds nothing")
+        for subscriber in list(self._subscribers):
+            if subscriber.on_reset is not None:
+                _call(subscriber.on_reset)
+        self.notify()
+
+    def subscribe(
+        self,
+        on_request: Callable[[RequestRecord, list[dict[str, Any]]], None],
+        on_reset: Callable[[], None] | None = None,
+    ) -> Callable[[], None]:
+        """Hear of each ingest request as it is answered, and of each `reset`.
+
+        Args:
+            on_request: Called with the request's `RequestRecord`, complete (status,
+                message, batch size, refused event...; its body still there), and the
+                events it stored (empty unless accepted), once it is answered or dropped.
+            on_reset: Called after `reset()`.
+
+        Both are called on the server's loop and must not block; what they raise is
+        logged, never passed on to the client.
+
+        Returns:
+            A function that unsubscribes.
+        """
+        subscriber = _Subscriber(on_request, on_reset)
+        self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+
+        return unsubscribe
 
     # -- outages --------------------------------------------------------------------------
 
@@ -592,9 +675,13 @@ class ReferenceServer:
         """Return once at least ``n`` events were accepted."""
         await self.wait_for(lambda: len(self.events) >= n, timeout)
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Make `wait_for` check its predicate again now: for state that changes outside
+        the server's requests (an inspector stream opening or closing)."""
         self._changed.set()
         self._changed = asyncio.Event()
+
+    _notify = notify
 
     # -- handlers -------------------------------------------------------------------------
 
@@ -613,7 +700,9 @@ class ReferenceServer:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self._notify()
-        record = RequestRecord(time.monotonic(), 0, 0, b"", dict(request.headers))
+        record = RequestRecord(
+            time.monotonic(), 0, 0, b"", dict(request.headers), remote=request.remote
+        )
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
@@ -626,7 +715,13 @@ class ReferenceServer:
             self._handlers.discard(task)
             record.answered_at = time.monotonic()
             self.in_flight -= 1
-            self.inspector.record(request, record, response)
+            stored = self._stored.pop(id(record), None)
+            try:
+                _describe(request, record, response, stored, self.faults.max_body_size)
+            except Exception as exc:  # never let a description break the contract
+                logger.error("could not describe request: %r", exc)
+            for subscriber in list(self._subscribers):
+                _call(subscriber.on_request, record, stored or [])
             if not self.keep_bodies:
                 record.body = b""
             self.requests.append(record)
@@ -745,11 +840,16 @@ class ReferenceServer:
         events = _decode_events(body)
         if isinstance(events, str):
             return _error(400, events)
+        if plan.fail_event is not None:
+            for event in events:
+                status = plan.fail_event(event)
+                if status is not None:
+                    return _error(status, "internal error (a poison event)")
         if plan.reject_event is not None:
             for event in events:
                 reason = plan.reject_event(event)
                 if reason is not None:
-                    self.inspector.note_refused(record, event)
+                    record.refused_event = event
                     return _error(400, reason)
         keep = self.keep
         if key is not None:
@@ -757,7 +857,7 @@ class ReferenceServer:
             if keep is not None and len(accepted) > keep:
                 accepted.popitem(last=False)
         self.events.extend(events)
-        self.inspector.note_events(record, events)
+        self._stored[id(record)] = events
         if keep is not None and len(self.events) > keep:
             del self.events[:-keep]
         popularity = self._popularity
@@ -815,6 +915,79 @@ def _abort(request: web.BaseRequest) -> NoReturn:
     if request.transport is not None:
         request.transport.abort()
     raise asyncio.CancelledError  # aiohttp ends the handler quietly
+
+
+class _Subscriber(NamedTuple):
+    on_request: Callable[[RequestRecord, list[dict[str, Any]]], None]
+    on_reset: Callable[[], None] | None
+
+
+def _call(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # a subscriber never breaks the ingestion contract
+        logger.exception("a ReferenceServer subscriber failed")
+
+
+_TITLE = re.compile(rb"<title>(.*?)</title>", re.S | re.I)
+#: The messages for which the server names no event but one may be found in the body.
+_VALIDATION = frozenset({"Malformed JSON", "Missing mandatory fields", "Invalid event_family"})
+
+
+def _describe(
+    request: web.BaseRequest,
+    record: RequestRecord,
+    response: web.StreamResponse | None,
+    stored: list[dict[str, Any]] | None,
+    limit: int,
+) -> None:
+    """Fill in what `RequestRecord` says of the answer: its message, whether it was a
+    duplicate, the batch size and, for a 400, the event refused where it can be found."""
+    record.body_size = len(record.body) or (request.content_length or 0)
+    if record.status == 0 or response is None:
+        record.message = "no answer: the connection was dropped"
+        if stored:
+            record.message += " after its events were stored"
+    elif isinstance(response, web.Response) and isinstance(response.body, bytes):
+        record.message, record.duplicate = _answer_message(response.content_type, response.body)
+    if stored is not None:
+        record.batch_size = len(stored)
+    if not record.refused or record.batch_size is not None or not record.body:
+        return
+    inflated = _inflate(request, record.body, limit)
+    try:
+        data = _JSON.decode(inflated) if isinstance(inflated, bytes) else None
+    except (ValueError, RecursionError):
+        data = None
+    if data is None:
+        return
+    events = data if isinstance(data, list) else [data]
+    record.batch_size = len(events)
+    if record.refused_event is None and record.status == 400 and record.message in _VALIDATION:
+        for event in events:
+            if not isinstance(event, dict) or isinstance(_decode_events(_JSON_ENCODE(event)), str):
+                record.refused_event = event
+                break
+
+
+_JSON_ENCODE = msgspec.json.encode
+
+
+def _answer_message(content_type: str, body: bytes) -> tuple[str | None, bool]:
+    """The message an answer carries, and whether it says the request was a duplicate."""
+    if content_type == "application/json":
+        try:
+            data = _JSON.decode(body)
+        except (ValueError, RecursionError):
+            return None, False
+        if isinstance(data, dict):
+            error = data.get("error")
+            return (error if isinstance(error, str) else None), data.get("duplicate") is True
+        return None, False
+    if content_type == "text/html":
+        title = _TITLE.search(body)
+        return (title[1].decode("utf-8", "replace").strip() if title else None), False
+    return body[:200].decode("utf-8", "replace") or None, False
 
 
 _MANDATORY = ("user_id", "event_family", "event_name")

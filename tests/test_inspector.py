@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import gzip
+import io
 import logging
 import re
 import signal
@@ -354,7 +356,7 @@ async def test_page_and_assets_are_served_self_contained(
 
 async def test_serve_prints_the_inspector_address() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lehnz_async", "serve", "--port", "0",
+        sys.executable, "-m", "lehnz_async", "serve", "--port", "0", "--allow-host", "Box.lan",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
@@ -376,6 +378,9 @@ async def test_serve_prints_the_inspector_address() -> None:
                     assert r.status == 202
                 async with session.get(match[1] + "inspector/api/events") as r:
                     data = await r.json()
+                for host, status in (("box.lan:8080", 200), ("rebind.test", 403)):  # --allow-host
+                    async with session.get(match[1], headers={"Host": host}) as r:
+                        assert r.status == status, host
             assert [item["event"]["user_id"] for item in data["events"]] == ["usr_1"]
             assert data["keep"] == 10_000  # serve's bound holds for what it shows
             proc.send_signal(signal.SIGTERM)
@@ -403,13 +408,306 @@ async def test_the_readme_documents_the_api_that_exists(
     documented = re.findall(r"^\| `(GET|POST) (/inspector/api/\w+)[?`]", section, re.M)
     assert documented == [
         ("GET", "/inspector/api/events"),
+        ("GET", "/inspector/api/timeline"),
+        ("GET", "/inspector/api/export"),
         ("GET", "/inspector/api/refused"),
         ("GET", "/inspector/api/counters"),
         ("POST", "/inspector/api/reset"),
     ]
+    query = {"timeline": "?user_id=usr_1", "export": "?format=json"}
     for method, path in documented:
-        async with session.request(method, server.base_url + path) as r:
+        url = server.base_url + path + query.get(path.rpartition("/")[2], "")
+        async with session.request(method, url) as r:
             assert r.status == 200, path
-            assert isinstance(await r.json(), dict)
-    assert "(docs/images/inspector.png)" in section
-    assert (README_DIR / "docs/images/inspector.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert isinstance(await r.json(), (dict, list))
+    for image in ("inspector.png", "inspector-timeline.png"):
+        assert f"(docs/images/{image})" in section
+        assert (README_DIR / "docs/images" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "--allow-host" in section
+
+
+# -- filters, search, paging, timeline, export (issue 17) -----------------------------------
+
+
+async def test_more_filters_search_and_paging(
+    keyed: ReferenceServer, session: aiohttp.ClientSession
+) -> None:
+    batch = [
+        event("usr_a", item_id="prod_1", session_id="s1"),
+        event("usr_a", "click", item_id="prod_2", session_id="s1", recommendation_id="rec_9"),
+        event("usr_b", "search", session_id="s2", context={"query": "Red Running SHOES"}),
+        event(
+            "usr_b",
+            "purchase",
+            "conversion",
+            item_id="prod_2",
+            recommendation_id="rec_9",
+            context={"price": 89.9, "gift_wrap": True},
+        ),
+        event("usr_c", item_id="prod_1", context={"nested": [{"colour": "teal"}]}),
+    ]
+    assert await post(session, keyed, batch) == 202
+
+    async def ids(**params: Any) -> list[int]:
+        return [item["id"] for item in (await api(session, keyed, "events", **params))["events"]]
+
+    assert await ids(item_id="prod_1") == [1, 5]
+    assert await ids(session_id="s1") == [1, 2]
+    assert await ids(recommendation_id="rec_9") == [2, 4]
+    assert await ids(recommendation_id="rec_9", item_id="prod_2", user_id="usr_b") == [4]
+    assert await ids(item_id="prod_") == []  # exact, unlike the search
+    assert await ids(q="running shoes") == [3]  # case-insensitive, inside context
+    assert await ids(q="89.9") == [4]  # numbers as written
+    assert await ids(q="gift_wrap") == [4]  # a context key
+    assert await ids(q="TEAL") == [5]  # at any depth
+    assert await ids(q="prod_") == [1, 2, 4, 5]
+    assert await ids(q="user_id") == []  # not the event's own field names
+    assert await ids(q="prod_", session_id="s1") == [1, 2]
+
+    # paging backwards: the last `limit` before an id, and whether older ones match
+    page = await api(session, keyed, "events", limit=2)
+    assert [i["id"] for i in page["events"]] == [4, 5] and page["more"] is True
+    page = await api(session, keyed, "events", limit=2, before=4)
+    assert [i["id"] for i in page["events"]] == [2, 3] and page["more"] is True
+    page = await api(session, keyed, "events", limit=2, before=2)
+    assert [i["id"] for i in page["events"]] == [1] and page["more"] is False
+    page = await api(session, keyed, "events", limit=2, before=5, q="prod_")
+    assert [i["id"] for i in page["events"]] == [2, 4] and page["more"] is True
+    assert (await api(session, keyed, "events"))["more"] is False
+    async with session.get(keyed.inspector.url + "inspector/api/events?before=x") as r:
+        assert r.status == 400 and "before" in (await r.json())["error"]
+
+
+async def test_timeline_joins_anonymous_and_signed_in_ids(
+    keyed: ReferenceServer, session: aiohttp.ClientSession
+) -> None:
+    async with Tracker(KEY, endpoint=keyed.url) as tracker:
+        tracker.track("anon_7f3a", "view", item_id="prod_7")
+        tracker.track("anon_other", "view", item_id="prod_7")
+        tracker.track("anon_7f3a", "add_to_cart", item_id="prod_7")
+        tracker.identify("usr_51", previous_user_id="anon_7f3a")
+        tracker.track("usr_51", "purchase", item_id="prod_7", context={"price": 89.9})
+        tracker.track("anon_phone", "view", item_id="prod_3")  # the same person, later
+        tracker.identify("usr_51", previous_user_id="anon_phone")
+        tracker.track("usr_9", "view", item_id="prod_7")
+
+    for who in ("anon_7f3a", "usr_51", "anon_phone"):
+        data = await api(session, keyed, "timeline", user_id=who)
+        assert data["user_id"] == who
+        assert data["ids"] == ["anon_7f3a", "usr_51", "anon_phone"], who  # first seen first
+        assert data["anonymous"] == ["anon_7f3a", "anon_phone"]
+        assert [(link["previous_user_id"], link["user_id"]) for link in data["links"]] == [
+            ("anon_7f3a", "usr_51"),
+            ("anon_phone", "usr_51"),
+        ]
+        shown = [(i["event"]["user_id"], i["event"]["event_name"]) for i in data["events"]]
+        assert shown == [
+            ("anon_7f3a", "view"),
+            ("anon_7f3a", "add_to_cart"),
+            ("usr_51", "identify"),
+            ("usr_51", "purchase"),
+            ("anon_phone", "view"),
+            ("usr_51", "identify"),
+        ], who
+    alone = await api(session, keyed, "timeline", user_id="usr_9")
+    assert alone["ids"] == ["usr_9"] and alone["links"] == [] and alone["count"] == 1
+    nobody = await api(session, keyed, "timeline", user_id="usr_unknown")
+    assert nobody["ids"] == ["usr_unknown"] and nobody["events"] == []
+    page = await api(session, keyed, "timeline", user_id="usr_51", limit=2)
+    assert [i["event"]["event_name"] for i in page["events"]] == ["view", "identify"]
+    assert page["more"] is True
+    async with session.get(keyed.inspector.url + "inspector/api/timeline") as r:
+        assert r.status == 400 and "user_id" in (await r.json())["error"]
+
+
+async def test_export_gives_what_the_filters_select_as_csv_and_json(
+    keyed: ReferenceServer, session: aiohttp.ClientSession
+) -> None:
+    batch = [
+        event("usr_a", item_id="prod_1", context={"price": 9.5}),
+        event("=HYPERLINK(1)", item_id="-2+3"),  # a spreadsheet would take these for formulas
+        event("usr_b", item_id="prod_1", session_id="s1"),
+        event("usr_c", "identify", "system", previous_user_id="anon_1"),
+    ]
+    assert await post(session, keyed, batch) == 202
+    base = keyed.inspector.url + "inspector/api/export"
+    async with session.get(base, params={"format": "csv", "item_id": "prod_1"}) as r:
+        assert r.status == 200 and r.content_type == "text/csv"
+        assert r.headers["Content-Disposition"] == 'attachment; filename="lehnz-events.csv"'
+        rows = list(csv.reader(io.StringIO(await r.text())))
+    assert rows[0] == [
+        "id", "time", "request", "user_id", "event_family", "event_name", "item_id",
+        "session_id", "recommendation_id", "previous_user_id", "context",
+    ]  # fmt: skip
+    assert [row[0] for row in rows[1:]] == ["1", "3"]
+    assert rows[1][2:] == [
+        "1",
+        "usr_a",
+        "engagement",
+        "view",
+        "prod_1",
+        "",
+        "",
+        "",
+        '{"price":9.5}',
+    ]
+    assert rows[2][7] == "s1"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", rows[1][1])
+    async with session.get(base, params={"format": "csv", "q": "hyperlink"}) as r:
+        (row,) = list(csv.reader(io.StringIO(await r.text())))[1:]
+    assert (row[3], row[6]) == ("'=HYPERLINK(1)", "'-2+3")
+
+    async with session.get(base, params={"format": "json", "user_id": "usr_b"}) as r:
+        assert r.status == 200 and r.content_type == "application/json"
+        assert r.headers["Content-Disposition"] == 'attachment; filename="lehnz-events.json"'
+        assert await r.json() == [batch[2]]  # the events as sent: they can be posted again
+    async with session.get(base, params={"format": "json", "timeline": "anon_1"}) as r:
+        assert await r.json() == [batch[3]]
+    async with session.get(base, params={"format": "json", "before": "3"}) as r:
+        assert await r.json() == batch[:2]
+    async with session.get(base, params={"format": "xml"}) as r:
+        assert r.status == 400
+
+
+# -- security: the Host allow-list and key masking ----------------------------------------
+
+INSPECTOR_PATHS = [
+    ("GET", "/"),
+    ("GET", "/inspector/app.js"),
+    ("GET", "/inspector/style.css"),
+    ("GET", "/inspector/stream"),
+    ("GET", "/inspector/api/events"),
+    ("GET", "/inspector/api/timeline?user_id=usr_1"),
+    ("GET", "/inspector/api/export?format=csv"),
+    ("GET", "/inspector/api/refused"),
+    ("GET", "/inspector/api/counters"),
+    ("POST", "/inspector/api/reset"),
+]
+
+
+async def test_the_inspector_answers_only_to_allowed_host_names(
+    keyed: ReferenceServer, session: aiohttp.ClientSession
+) -> None:
+    """DNS rebinding: a page of another site reaches the port under its own name."""
+    assert await post(session, keyed, [event("usr_1")]) == 202
+    port = keyed.port
+    for host in (f"rebind.test:{port}", "evil.example", f"127.0.0.1.evil.example:{port}",
+                 f"localhost.:{port}", "", f"[::2]:{port}"):  # fmt: skip
+        for method, path in INSPECTOR_PATHS:
+            async with session.request(method, keyed.base_url + path, headers={"Host": host}) as r:
+                assert r.status == 403, (host, path)
+                assert "not allowed" in (await r.json())["error"]
+                assert b"usr_1" not in await r.read()
+    assert len(keyed.events) == 1  # not reset
+
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LocalHost",
+                 "[::1]"):  # fmt: skip
+        async with session.get(
+            keyed.base_url + "/inspector/api/counters", headers={"Host": host}
+        ) as r:
+            assert r.status == 200, host
+
+    # the SDKs' endpoints answer whatever the Host (proxies, containers, tunnels)
+    for path, body in ((keyed.url, [event("usr_2")]), (keyed.recommend_url, {"user_id": "u"})):
+        async with session.post(
+            path, json=body, headers={"Host": "rebind.test", "X-API-KEY": KEY}
+        ) as r:
+            assert r.status in (200, 202), path
+
+
+async def test_allow_hosts_adds_names(session: aiohttp.ClientSession) -> None:
+    with pytest.raises(ValueError, match="not a host name"):
+        ReferenceServer(allow_hosts=["box.lan/path"])
+    async with ReferenceServer(allow_hosts=["Box.LAN", "fe80::1"]) as server:
+        assert server.allow_hosts == frozenset({"box.lan", "[fe80::1]"})
+        for host, status in (("box.lan:8080", 200), ("[fe80::1]:1", 200), ("box.lan2", 403)):
+            async with session.get(
+                server.base_url + "/inspector/api/counters", headers={"Host": host}
+            ) as r:
+                assert r.status == status, host
+
+
+async def test_any_key_shaped_header_value_is_masked(
+    keyed: ReferenceServer, session: aiohttp.ClientSession
+) -> None:
+    secret = "lehnz_sk_L34kedS3cret"
+    headers = {
+        "X-Forwarded-Authorization": f"Bearer {secret}",
+        "X-Upstream-Key": f"{KEY}, other",
+        "Authorization": "Basic dXNlcjpwYXNz",
+        "Idempotency-Key": KEY,
+    }
+    async with session.get(keyed.inspector.url + "inspector/stream") as stream:
+        await keyed.wait_for(lambda: keyed.inspector.streams == 1)
+        assert await post(session, keyed, [event("usr_1")], **headers) == 202
+        with anyio.fail_after(TIMEOUT):
+            _, message = await read_message(stream.content)
+    live = msgspec.json.encode(message)
+    async with session.get(keyed.inspector.url + "inspector/api/events") as r:
+        shown = await r.read()
+        (item,) = msgspec.json.decode(shown)["events"]
+    for raw in (shown, live):
+        assert secret.encode() not in raw and KEY.encode() not in raw
+        assert b"dXNlcjpwYXNz" not in raw
+    request = item["request"]
+    assert request["headers"]["X-Forwarded-Authorization"] == "Bearer lehnz_sk_****"
+    assert request["headers"]["X-Upstream-Key"] == "lehnz_pk_****, other"
+    assert request["headers"]["Authorization"] == "****"
+    assert request["idempotency_key"] == "lehnz_pk_****"
+
+
+async def test_the_first_paint_shows_no_numbers_before_data(
+    server: ReferenceServer, session: aiohttp.ClientSession
+) -> None:
+    async with session.get(server.inspector.url) as r:
+        page = await r.text()
+    for name in ("events", "requests", "refused", "duplicates"):
+        match = re.search(rf'id="counter-{name}">([^<]*)<', page)
+        assert match and not re.search(r"\d", match[1]), name
+    assert "keeps everything" not in page and "Loading" in page
+
+
+# -- the public seams of ReferenceServer the inspector uses --------------------------------
+
+
+async def test_reference_server_public_api_for_tools(
+    keyed: ReferenceServer, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    heard: list[tuple[int, str | None, int]] = []
+    resets: list[bool] = []
+
+    def broken(record: Any, events: Any) -> None:
+        raise RuntimeError("a broken subscriber")
+
+    unsubscribe = keyed.subscribe(
+        lambda record, events: heard.append((record.status, record.message, len(events))),
+        lambda: resets.append(True),
+    )
+    keyed.subscribe(broken)
+    assert await post(session, keyed, [event("usr_1"), event("usr_2")]) == 202  # not broken
+    assert await post(session, keyed, {"user_id": "x"}) == 400
+    assert heard == [(202, None, 2), (400, "Missing mandatory fields", 0)]
+    assert "a broken subscriber" in caplog.text
+    (refused,) = keyed.refused
+    assert refused.refused_event == {"user_id": "x"} and refused.batch_size == 1
+    assert refused.body_size == len(b'{"user_id":"x"}')
+
+    keyed.reset()
+    assert resets == [True] and keyed.events == [] and keyed.refused == []
+    assert (await api(session, keyed, "counters"))["resets"] == 1
+    unsubscribe()
+    assert await post(session, keyed, [event("usr_3")]) == 202
+    assert len(heard) == 2
+
+
+def test_the_inspector_does_not_import_testing() -> None:
+    """No import circle: testing imports the inspector, never the other way round."""
+    for name in ("_inspector.py", "_inspector_store.py", "_inspector_stream.py"):
+        source = (README_DIR / "lehnz_async" / name).read_text()
+        imports = re.findall(r"^\s*(?:from|import) .*$", source, re.M)
+        assert not [line for line in imports if "testing" in line], name
+    code = (
+        "import sys, lehnz_async._inspector; "
+        "assert 'lehnz_async.testing' not in sys.modules, 'testing was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=cli_env())
