@@ -58,20 +58,32 @@ class Batch:
         attempts: Requests made for it so far.
         first_attempt: Loop time of its first request (for the retry time budget).
         settled: Set by the ledger when its fate is decided; never unset.
+        state: Where it is in the `Backlog` (``ready``, ``sending``, ``parked``), or
+            ``""`` outside it.
+        failures_5xx: Consecutive 5xx answers to it (0 after any other outcome).
+        others_ok: The destination's count of 2xx answers when its current streak of
+            5xx answers began: if other batches were accepted since, the fault is in
+            this batch (a poison event), not in the service.
+        maybe_sent: An attempt ended with no answer after the request may have reached
+            the server (a timeout, a dropped connection), so it may be stored already.
     """
 
     __slots__ = (
         "attempts",
         "body",
         "events",
+        "failures_5xx",
         "first_attempt",
         "key",
+        "maybe_sent",
         "mem",
         "n",
+        "others_ok",
         "root",
         "settled",
         "spill_row",
         "spool_id",
+        "state",
     )
 
     def __init__(
@@ -93,6 +105,10 @@ class Batch:
         self.attempts = 0
         self.first_attempt: float | None = None
         self.settled = False
+        self.state = ""
+        self.failures_5xx = 0
+        self.others_ok = 0
+        self.maybe_sent = False
 
     def __len__(self) -> int:
         return self.n
@@ -111,6 +127,8 @@ class Batch:
         # the ledger counted this batch's memory once: the halves share it out
         halves[0].mem = self.mem * half // len(self.events)
         halves[1].mem = self.mem - halves[0].mem
+        for part in halves:
+            part.maybe_sent = self.maybe_sent
         return halves
 
     def __repr__(self) -> str:

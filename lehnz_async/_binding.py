@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -32,8 +33,9 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 
+from . import _gevent
 from ._buffer import Buffer
-from ._exceptions import BlockingCallError, ShutdownError
+from ._exceptions import BlockingCallError, ConfigurationError, ShutdownError
 from ._flusher import Flusher
 from ._ledger import Ledger
 
@@ -60,9 +62,17 @@ class LoopThread:
     """An asyncio loop running forever in a daemon thread, until `stop()`."""
 
     def __init__(self) -> None:
+        if _gevent.threading_patched():
+            # a "thread" would be a greenlet on the hub's OS thread: run in a real one
+            self.loop = _gevent.start_loop_thread(self._native_main)
+            return
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._main, name="lehnz_async-loop", daemon=True)
         self.thread.start()
+
+    def _native_main(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._main()
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -107,6 +117,8 @@ class LoopBinding:
         close_sessions: Callable[[], Coroutine[Any, Any, None]],
         exit_timeout: float,
     ) -> None:
+        if _gevent.threading_patched() and (why := _gevent.check_version()) is not None:
+            raise ConfigurationError(why)
         self.state = State.NEW
         self.loop: asyncio.AbstractEventLoop | None = None
         self.flusher: Flusher | None = None  # the current run's, while started
@@ -162,7 +174,7 @@ class LoopBinding:
             self.state = State.RUNNING
             self._buffer.open()
             self._task = loop.create_task(self._run(flusher), name="lehnz_async flusher")
-            if self._buffer.queued or self._buffer.batches:
+            if self._buffer.queued or self._ledger.backlog:
                 flusher.wake.set()  # events tracked before the loop ran
 
     async def _run(self, flusher: Flusher) -> None:
@@ -172,7 +184,7 @@ class LoopBinding:
             with self._lock:
                 if flusher.orphaned:
                     self._unbind()
-                    if self.resume_in_thread and (self._buffer.queued or self._buffer.batches):
+                    if self.resume_in_thread and (self._buffer.queued or self._ledger.backlog):
                         # Carry on in a thread of our own now, while threads can still
                         # be started: Python 3.12+ refuses new threads once the
                         # interpreter is shutting down, when the exit hook runs.
@@ -229,6 +241,8 @@ class LoopBinding:
             )
         future = asyncio.run_coroutine_threadsafe(fn(), loop)
         try:
+            if _gevent.threading_patched():
+                return _gevent.wait(future, timeout)  # the hub runs meanwhile
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
@@ -268,7 +282,7 @@ class LoopBinding:
             if (
                 self.state is State.NEW
                 and not self._buffer.queued
-                and not self._buffer.batches
+                and not self._ledger.backlog
                 and (self._ledger.spool is None or not self._replay_spool)
             ):
                 self.state = State.CLOSED
@@ -285,6 +299,7 @@ class LoopBinding:
         """
         if self._nothing_to_close():
             return
+        self._mark_deadline(timeout)
         loop = self.serving_loop()
         if loop is asyncio.get_running_loop():
             close: asyncio.Future[None] = loop.create_task(self._close(timeout))
@@ -314,8 +329,16 @@ class LoopBinding:
         """The blocking form of `aclose`, from a thread that does not run the loop."""
         if self._nothing_to_close():
             return
+        self._mark_deadline(timeout)
         self.block_on_loop(lambda: self._close(timeout), None)
         self._stop_own_loop()
+
+    def _mark_deadline(self, timeout: float) -> None:
+        """The close deadline counts from the call, even if the loop is busy (a hook that
+        blocks it) when it comes: the flusher reads it between hook calls."""
+        flusher = self.flusher
+        if flusher is not None:
+            flusher.deadline_at = min(flusher.deadline_at, time.monotonic() + timeout)
 
     def _hurry(self) -> None:
         if self.flusher is not None:
@@ -356,11 +379,7 @@ class LoopBinding:
             flusher = self.flusher
             if flusher is not None and not flusher.done.is_set():
                 flusher.orphaned = True
-                leftovers = flusher.sender.leftovers() + list(self._buffer.batches)
-                self._buffer.batches.clear()
-                for batch in leftovers:
-                    batch.first_attempt = None
-                self._buffer.batches.extend(leftovers)
+                self._ledger.backlog.requeue()
             self._unbind()
 
     def _unbind(self) -> None:
@@ -380,7 +399,7 @@ class LoopBinding:
         if self._loop_stopped():  # it will not run again: send from a loop of our own
             self.adopt()
         buffer = self._buffer
-        if self.state is State.NEW and not buffer.queued and not buffer.batches:
+        if self.state is State.NEW and not buffer.queued and not self._ledger.backlog:
             return
         logger.info(
             "sending %d event(s) left at exit (tracker never closed; exit_timeout=%.1f s)",
@@ -398,9 +417,8 @@ class LoopBinding:
             f"the interpreter exited with these events unsent and no way left to send "
             f"them ({why}); close the tracker before exiting"
         )
-        for batch in list(self._buffer.batches):
+        for batch in self._ledger.backlog.sweep():
             self._ledger.give_up(batch, ShutdownError(message, batch.events))
-        self._buffer.batches.clear()
         leftovers = list(self._buffer.staged) + list(self._buffer.events)
         self._buffer.staged.clear()
         self._buffer.events.clear()
@@ -414,8 +432,7 @@ class LoopBinding:
         self._own_loop = None
         self._buffer.events.clear()  # in a fork child no other thread can be appending
         self._buffer.staged.clear()
-        self._buffer.batches.clear()
-        self._ledger.reset()
+        self._ledger.reset()  # and its backlog
         self._unbind()
         self._replay_spool = False  # the parent's spool is the parent's to send
 

@@ -5,10 +5,6 @@ path) and calls `Buffer.put` otherwise. The threshold is ``max_batch_size - 1`` 
 flusher runs (the event that fills a batch wakes the flusher), ``max_queue_size`` once
 the flusher was woken, and 0 when no flusher runs, so every unusual case is decided off
 the hot path.
-
-``batches`` holds batches that were cut before and wait to be sent again with their own
-bytes and key: those a torn-down loop left in flight. The flusher sends them before it
-cuts anything new.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ._batch import EVENT_OVERHEAD, Batch
+from ._batch import EVENT_OVERHEAD
 from ._config import Config
 from ._event import Event, encoder
 from ._ledger import Ledger
@@ -27,10 +23,12 @@ from ._ledger import Ledger
 logger = logging.getLogger("lehnz_async")
 
 _DROP_LOG_INTERVAL = 10.0  # seconds between two warnings about a full queue
+#: Events refused for the byte budget between two measurements of the event at hand.
+REMEASURE_EVERY = 64
 
 
 class Buffer:
-    """Events waiting to be cut into batches, and batches waiting to be sent again.
+    """Events waiting to be cut into batches.
 
     Args:
         config: The tracker's options (``max_queue_size``, ``max_batch_size``,
@@ -47,9 +45,8 @@ class Buffer:
         "_max",
         "_max_batch_bytes",
         "_max_bytes",
-        "_workers",
+        "_refusals",
         "append",
-        "batches",
         "event_bytes",
         "events",
         "staged",
@@ -62,7 +59,6 @@ class Buffer:
         self.append = self.events.append
         #: events taken off ``events`` (through before_send) that wait for the next batch
         self.staged: deque[Event] = deque()
-        self.batches: deque[Batch] = deque()
         self.threshold = 0
         #: wakes the running flusher, from any thread (set by the loop binding)
         self.wake: Callable[[], None] = lambda: None
@@ -70,11 +66,11 @@ class Buffer:
         self._max = config.max_queue_size
         self._max_bytes = config.max_buffer_bytes
         self._max_batch_bytes = config.max_batch_bytes
-        self._workers = config.max_concurrent_requests
         self._batch_size = config.max_batch_size
         self._drop_oldest = config.overflow == "drop_oldest"
         self._last_drop_log = -_DROP_LOG_INTERVAL
         self._drops_since_log = 0
+        self._refusals = 0
         #: bytes one queued event is reckoned to hold in memory (see `observe`)
         self.event_bytes = 0.0
 
@@ -93,10 +89,10 @@ class Buffer:
         budget, less what batches in flight hold, allows fewer."""
         if not self.event_bytes:
             return self._max
-        # cutting a batch adds its body to what its events held: keep room for the
-        # bodies of the batches that may be in flight
+        # cutting a batch adds its body to what its events held: keep room for the body
+        # of the one being cut (the bodies of those cut before are in held_bytes)
         body = min(self._max_batch_bytes, self._batch_size * (self.event_bytes - EVENT_OVERHEAD))
-        room = self._max_bytes - self._ledger.held_bytes - self._workers * body
+        room = self._max_bytes - self._ledger.held_bytes - body
         return max(0, min(self._max, int(room / self.event_bytes)))
 
     @property
@@ -121,6 +117,12 @@ class Buffer:
             with contextlib.suppress(Exception):  # unencodable: reported when it is cut
                 self.observe(len(encoder.encode(event)), 1)
             limit = self.limit()
+        if len(events) >= limit and limit < self._max and self._remeasure():
+            # refused for bytes: every so often measure the event at hand anyway, so the
+            # learnt size follows what is tracked now (small events after large ones)
+            with contextlib.suppress(Exception):
+                self.observe(len(encoder.encode(event)), 1)
+            limit = self.limit()
         if len(events) >= limit:
             reason = "max_queue_size" if limit >= self._max else "max_buffer_bytes"
             if not self._drop_oldest:
@@ -140,6 +142,11 @@ class Buffer:
                 self.wake()
             else:
                 self.threshold = min(limit, self._batch_size - 1)
+
+    def _remeasure(self) -> bool:
+        """One refusal in `REMEASURE_EVERY` (a drop storm does not encode every event)."""
+        self._refusals += 1
+        return self._refusals % REMEASURE_EVERY == 1
 
     def open(self) -> None:
         """A flusher runs, or drained: let track() wake it again when a batch is full

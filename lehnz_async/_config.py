@@ -180,6 +180,15 @@ class Config:
                 f"max_queue_size ({self.max_queue_size}) must be at least "
                 f"max_batch_size ({self.max_batch_size})"
             )
+        # one full batch of 1 KB events, held twice (its events and its body)
+        one_batch = 2 * min(self.max_batch_bytes, 1024 * self.max_batch_size)
+        if self.max_buffer_bytes < one_batch:
+            raise ConfigurationError(
+                f"max_buffer_bytes ({self.max_buffer_bytes}) cannot hold one full batch: "
+                f"a batch of max_batch_bytes ({self.max_batch_bytes}) (or max_batch_size "
+                f"({self.max_batch_size}) events of 1 KB) takes {one_batch} bytes in memory "
+                "(its events and its body); raise max_buffer_bytes or lower max_batch_bytes"
+            )
         for name in ("attribution_ttl", "max_event_age", "outage_grace"):
             if getattr(self, name) is not None:
                 positive_float(name, getattr(self, name))

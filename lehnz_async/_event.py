@@ -55,6 +55,7 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
 
 #: The one encoder; reused for every batch (msgspec's advice).
 encoder = msgspec.json.Encoder()
+_events_decoder = msgspec.json.Decoder(list[Event])
 
 
 def _required_str(field: str, value: object) -> str:
@@ -119,7 +120,15 @@ def build_event(
     if context is None:
         ctx = None
     elif isinstance(context, Mapping):
-        ctx = context if type(context) is dict else dict(context)
+        if type(context) is dict:
+            ctx = context
+        else:
+            try:
+                ctx = dict(context)
+            except Exception as exc:  # the mapping raised while being read
+                raise InvalidEventError(
+                    "context", f"could not be read as a mapping: {type(exc).__name__}: {exc}"
+                ) from exc
     else:
         raise InvalidEventError(
             "context", f"must be a mapping (a dict) or None, not {type(context).__name__}"
@@ -134,3 +143,8 @@ def build_event(
         ctx,
         _optional_str("previous_user_id", previous_user_id),
     )
+
+
+def decode_events(body: bytes) -> list[Event]:
+    """The events of a batch body (a spooled one, read back)."""
+    return _events_decoder.decode(body)

@@ -89,6 +89,7 @@ class DeliveryError(LehnzError):
         status: The HTTP status the server answered, or None (no answer, or not sent).
         server_message: The server's error message (its JSON ``error`` field, or the
             start of a plain-text body), or None.
+        endpoint: The ingestion URL the events were for (named in the message).
     """
 
     def __init__(
@@ -98,11 +99,19 @@ class DeliveryError(LehnzError):
         *,
         status: int | None = None,
         server_message: str | None = None,
+        endpoint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.events: tuple[Event, ...] = tuple(events)
         self.status = status
         self.server_message = server_message
+        self.endpoint = endpoint
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        if self.endpoint is None:
+            return message
+        return f"{message} [endpoint {self.endpoint}]"
 
 
 class RejectedError(DeliveryError):

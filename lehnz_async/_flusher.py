@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 
 import anyio
@@ -31,8 +32,8 @@ from ._config import Config
 from ._event import Event
 from ._exceptions import DeliveryError, EncodeError, ShutdownError
 from ._health import Destination
-from ._ledger import Fate, Ledger, shutdown_error
-from ._sender import Sender
+from ._ledger import Fate, Ledger, close_deadline_error
+from ._sender import RESTART_DELAY, RESTART_MAX_DELAY, Sender
 from ._spool import SpooledBatch
 from ._transport import BatchTransport
 
@@ -40,6 +41,9 @@ logger = logging.getLogger("lehnz_async")
 
 _spool_decoder = msgspec.json.Decoder(list[Event])
 _UNSENT = "the tracker closed before these events were sent"
+_NOT_PREPARED = (
+    "the close deadline passed before before_send ran on these events; they were not sent"
+)
 
 
 class Flusher:
@@ -71,9 +75,14 @@ class Flusher:
         self._transport = transport
         self._replay_spool = replay_spool and ledger.spool is not None
         self.sender = Sender(
-            transport, ledger, config.retry, config.max_concurrent_requests, rng, destination
+            transport,
+            ledger,
+            config.retry,
+            config.max_concurrent_requests,
+            rng,
+            destination,
+            ledger.endpoint,
         )
-        self.sender.restore = self._restore
         # (sequence number reached, loop time) at each tick, for max_event_age
         self._marks: deque[tuple[int, float]] = deque()
         #: set by track() when a batch is full, and by flush() and close()
@@ -89,6 +98,11 @@ class Flusher:
         self.orphaned = False
         self._drain_requested = False
         self._deadline: anyio.CancelScope | None = None
+        # set once the close deadline passed: before_send is not called any more
+        self._past_deadline = False
+        #: time.monotonic() of the close deadline, set when close is called (read
+        #: between hook calls: a hook that blocks the loop keeps timers from firing)
+        self.deadline_at = float("inf")
 
     # -- what the loop binding calls ------------------------------------------------------
 
@@ -96,17 +110,12 @@ class Flusher:
         """The background task: send until closed (or cancelled by the loop's teardown)."""
         try:
             await self._transport.open()
-            # read the spool before anything of this run can be written to it
-            spool = self._ledger.spool
-            rows = await spool.load() if spool is not None and self._replay_spool else []
+            rows = await self._load_spool()
             async with anyio.create_task_group() as tg:
                 self.sender.bind(tg.start_soon)
                 await self._replay(rows)
-                await self._flush_loop()
+                await self._supervise()
                 self.sender.stop()
-        except Exception:  # a bug: settle everything rather than strand it
-            logger.exception("the flusher failed; what it held is given up")
-            self.closing = True
         finally:
             self.orphaned = not self.closing
             self.sender.close_unstarted()
@@ -116,6 +125,33 @@ class Flusher:
                 await self._transport.close()
             self._ledger.release_waiters(all_=True)
             self.done.set()
+
+    async def _load_spool(self) -> list[SpooledBatch]:
+        """What an earlier tracker spooled, read before anything of this run can be
+        written there; a spool that cannot be opened or read is set aside, and the
+        tracker runs on without one (a storage failure stays the storage's)."""
+        spool = self._ledger.spool
+        if spool is None or not self._replay_spool:
+            return []
+        try:
+            return await spool.load()
+        except Exception as exc:
+            self._ledger.spool_failed("read", exc)
+            return []
+
+    async def _supervise(self) -> None:
+        """Run the flush loop; a bug in it is counted, logged once, and the loop starts
+        again after a backoff (doubling to a cap), the way a supervisor restarts a child:
+        the batches it cut are in the backlog, and the workers keep sending them."""
+        delay = RESTART_DELAY
+        while True:
+            try:
+                await self._flush_loop()
+                return
+            except Exception as exc:
+                self._ledger.internal_error("flusher", exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, RESTART_MAX_DELAY)
 
     async def flush(self) -> None:
         """Return once every event queued before the call is settled."""
@@ -142,9 +178,11 @@ class Flusher:
         unsettled."""
         self.closing = True
         self.wake.set()
+        self.deadline_at = min(self.deadline_at, time.monotonic() + deadline)
         with anyio.move_on_after(deadline) as self._deadline:
             await self.done.wait()
         if not self.done.is_set():
+            self._past_deadline = True
             logger.warning(
                 "close deadline of %.1f s passed with %d event(s) unsettled",
                 deadline,
@@ -155,6 +193,7 @@ class Flusher:
 
     def hurry(self) -> None:
         """Bring the close deadline forward to now (a second cancellation of aclose())."""
+        self._past_deadline = True
         if self._deadline is not None:
             self._deadline.cancel()
 
@@ -162,16 +201,16 @@ class Flusher:
 
     async def _flush_loop(self) -> None:
         config, buffer, sender = self._config, self._buffer, self.sender
-        waiting = buffer.batches
+        backlog = sender.backlog
         destination = sender.destination
         loop = asyncio.get_running_loop()
         interval = config.flush_interval
         next_tick = loop.time() + interval
         while True:
             # in an outage, and while parked batches drain after one, look every 0.1 s
-            poll = destination.outage or bool(sender.parked)
+            poll = destination.outage or bool(backlog.parked)
             idle = buffer.queued < config.max_batch_size and not self._drain_requested
-            if poll or (idle and not waiting and not self.closing):
+            if poll or (idle and not self.closing):
                 timeout = next_tick - loop.time()
                 with anyio.move_on_after(min(timeout, 0.1) if poll else timeout):
                     await self.wake.wait()
@@ -188,70 +227,72 @@ class Flusher:
                 await self._hold()
                 continue
             self._drain_requested = False
-            while waiting:
-                await sender.slots.acquire()
-                sender.submit(waiting.popleft())
             while buffer.queued and (drain or buffer.queued >= config.max_batch_size):
-                await sender.slots.acquire()  # cut only when a slot is free: fuller batches
+                await self._free_worker()  # cut only when a worker is free: fuller batches
                 if destination.outage:
-                    sender.slots.release()
                     break
-                batch = self._cut()
-                if batch is None:
-                    sender.slots.release()
+                if self._cut() is None:
                     continue
                 self.room.set()
-                sender.submit(batch)
+                sender.wake()
             self._ledger.release_waiters(all_=False)  # if only unencodable events were taken
             if not self.closing:
                 buffer.open()
-            elif not buffer.queued and not waiting and not sender.parked:
-                return  # closing and drained; the workers finish what is handed over
+            elif not buffer.queued and not backlog.parked:
+                return  # closing and drained; the workers finish what is in the backlog
+
+    async def _free_worker(self) -> None:
+        sender = self.sender
+        while not sender.has_free_worker and not sender.destination.outage:
+            sender.freed.clear()
+            await sender.freed.wait()
 
     async def _hold(self) -> None:
-        """In an outage: cut nothing, but hand the prober a batch if it has none, and
-        spill the oldest events to the spool (if there is one) before memory runs out."""
-        sender, buffer = self.sender, self._buffer
-        if sender.wants_probe_batch:
-            if buffer.batches:
-                sender.park(buffer.batches.popleft())
-            elif (batch := self._cut()) is not None:
-                sender.park(batch)
-        spool, ledger = self._ledger.spool, self._ledger
+        """In an outage: cut nothing, but give the prober a batch if it has none, and
+        spill the newest batches to the spool (if there is one) before memory runs out.
+        A spool that cannot be written is set aside: memory and the byte budget take
+        over, and what they cannot hold is dropped by reason."""
+        sender, buffer, backlog = self.sender, self._buffer, self.sender.backlog
+        if sender.wants_probe_batch and (batch := self._cut()) is not None:
+            backlog.park(batch)
+        ledger = self._ledger
         budget = self._config.max_buffer_bytes
-        while spool is not None and ledger.held_bytes + buffer.queued_bytes > budget // 2:
+        while ledger.spool is not None and ledger.held_bytes + buffer.queued_bytes > budget // 2:
             # memory is filling: write the newest batch held in memory to disk (the
             # oldest stays, to probe with), else cut one off the queue and write that
-            held = [b for b in sender.parked[1:] if b.spill_row is None]
+            held = [b for b in backlog.parked[1:] if b.spill_row is None]
             if held:
                 batch = held[-1]
             elif buffer.queued > self._config.max_batch_size:
                 cut = self._cut()
                 if cut is None:
                     break
-                sender.park(batch := cut)
+                backlog.park(batch := cut)
             else:
                 break
-            if batch.spool_id is not None:
-                row = batch.spool_id  # read back from the spool whole: its row is there
-            elif await spool.size() + len(batch.body) > self._config.max_spool_bytes:
-                break  # the spool is full too: the overflow policy decides
-            else:
-                row = await spool.write(batch)
-            ledger.spilled(batch, row)
-            batch.events, batch.body = [], b""
+            try:
+                if not await self._spill(batch):
+                    break  # the spool is full too: the overflow policy decides
+            except Exception as exc:  # a full disk, an unwritable file
+                ledger.spool_failed("write", exc)
+                break
         self.room.set()
         buffer.open()
 
-    async def _restore(self, batch: Batch) -> None:
-        """Read a batch spilled during an outage back from the spool, to send it."""
+    async def _spill(self, batch: Batch) -> bool:
+        """Write ``batch`` to the spool and let go of it in memory; False if the spool
+        has no room for it (``max_spool_bytes``)."""
         spool = self._ledger.spool
-        assert spool is not None and batch.spill_row is not None
-        body = await spool.read(batch.spill_row)
-        if body is None:
-            raise LookupError(f"spool row {batch.spill_row} of {batch!r} is gone")
-        batch.events, batch.body = _spool_decoder.decode(body), body
-        self._ledger.restored(batch)
+        assert spool is not None
+        if batch.spool_id is not None:
+            row = batch.spool_id  # read back from the spool whole: its row is there
+        elif await spool.size() + len(batch.body) > self._config.max_spool_bytes:
+            return False
+        else:
+            row = await spool.write(batch)
+        self._ledger.spilled(batch, row)
+        batch.events, batch.body = [], b""
+        return True
 
     def _expire(self, cutoff: float) -> None:
         """Drop what was tracked before ``cutoff`` (loop time), counted as dropped for
@@ -272,8 +313,7 @@ class Flusher:
             dropped += 1
         if dropped:
             ledger.drop(dropped, taken=True, reason="max_event_age")
-        for batch in [b for b in self.sender.parked if b.root + b.n <= old]:
-            self.sender.parked.remove(batch)
+        for batch in [b for b in self.sender.backlog.parked if b.root + b.n <= old]:
             ledger.settle(batch, Fate.DROPPED, reason="max_event_age")
 
     def _cut(self) -> Batch | None:
@@ -294,7 +334,7 @@ class Flusher:
                 )
             if cut.events:
                 batch = Batch(cut.events, cut.body, new_key(), -1)
-                ledger.open(batch)
+                ledger.open(batch)  # in the backlog from now until it is settled
                 self._buffer.observe(len(cut.body), len(cut.events))
                 return batch
         return None
@@ -308,7 +348,13 @@ class Flusher:
         if hook is None:
             return events
         kept: list[Event] = []
-        for event in events:
+        started = time.perf_counter()
+        for index, event in enumerate(events):
+            if self._past_deadline or time.monotonic() >= self.deadline_at:
+                self._past_deadline = True  # a hook that blocks cannot stretch the deadline
+                left = events[index:]
+                ledger.fail_taken(left, ShutdownError(_NOT_PREPARED, left))
+                break
             try:
                 out = hook(event)
                 if out is not None and out.__class__ is not Event:
@@ -325,6 +371,8 @@ class Flusher:
                 ledger.drop(1, taken=True, reason="before_send")
             else:
                 kept.append(out)
+        if events:
+            ledger.slow_hook("before_send", (time.perf_counter() - started) / len(events))
         return kept
 
     async def _replay(self, rows: list[SpooledBatch]) -> None:
@@ -341,28 +389,27 @@ class Flusher:
                 self._ledger.drop(row.events, taken=False, reason="unreadable_spool_row")
                 self._ledger.spool.remove(row.id)  # type: ignore[union-attr]
                 continue
-            await self.sender.slots.acquire()
+            await self._free_worker()
             batch = Batch(events, row.body, row.idempotency_key, -1, row.id)
             self._ledger.open(batch, spool_id=row.id)
-            self.sender.submit(batch)
+            self.sender.wake()
 
     # -- the end of a run -----------------------------------------------------------------
 
     def _settle_leftovers(self) -> None:
-        """Give up (close deadline) or re-queue (torn-down loop) what is unsettled."""
-        ledger, buffer = self._ledger, self._buffer
-        leftovers = self.sender.leftovers() + list(buffer.batches)
-        buffer.batches.clear()
+        """Give up (close deadline) or re-queue (torn-down loop) what is unsettled: the
+        backlog's batches, whatever their state, and what is still queued."""
+        ledger, buffer, backlog = self._ledger, self._buffer, self.sender.backlog
         if self.orphaned:
-            for batch in leftovers:
-                batch.first_attempt = None  # a new loop, a new clock
-            buffer.batches.extendleft(reversed(leftovers))
+            backlog.requeue()
             return
-        for left in leftovers:
-            ledger.give_up(left, shutdown_error(left.events))
+        for left in backlog.sweep():
+            ledger.give_up(left, close_deadline_error(left))
         if not buffer.queued:
             return
-        if ledger.spool is None:
+        if ledger.spool is None or (self._past_deadline and self._config.before_send):
+            # unsent events are not run through before_send once the deadline has passed
+            # (so no unscrubbed event is spooled): they are reported
             leftover_events = list(buffer.staged) + list(buffer.events)
             buffer.staged.clear()
             buffer.events.clear()

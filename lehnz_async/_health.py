@@ -1,11 +1,18 @@
 """The destination's health: one state for the whole tracker, not one per batch.
 
-A streak of retryable failures (transport errors, 408/429/5xx) that lasts past
-``outage_grace`` seconds, or that would otherwise exhaust a batch's retry budget, puts
-the tracker into an *outage*. During an outage no batch gives up and no new batch is
-cut: the senders park what they hold, events wait in the buffer (under its byte
-budget, spilling to the spool if there is one), and a single probe, a real batch, is
-sent with exponential backoff and jitter capped at ``probe_max_delay``. Any HTTP answer
+An outage is a state of the destination, and it takes evidence across batches: a streak
+of retryable failures (transport errors, 408/429/5xx) with no answer that shows the
+service up, from at least two different batches, or one connection that could not be
+made at all (refused, a name that does not resolve), that lasts past ``outage_grace``
+seconds or would otherwise exhaust a batch's retry budget, puts the tracker into an
+*outage*. One batch failing while others are accepted (a poison event the server always
+answers 500) is that batch's failure, never the destination's: it is retried, bisected
+and finally given up in its own scope (see `Sender`).
+
+During an outage no batch gives up and no new batch is cut: the senders park what they
+hold, events wait in the buffer (under its byte budget, spilling to the spool if there is
+one), and a single probe, a real parked batch (each in turn), is sent with exponential
+backoff and jitter capped at ``probe_max_delay``. Any HTTP answer
 that is not a retryable failure (2xx, or a 4xx that says the service is up) ends the
 outage, and every slot resumes, oldest batches first.
 
@@ -41,6 +48,13 @@ class Destination:
         #: loop time the current outage began, if one is under way
         self.outage_since: float | None = None
         self.cause = ""
+        #: 2xx answers so far: a batch failing while this grows is failing alone
+        self.accepted = 0
+        #: whether the endpoint has ever answered (misconfiguration is reported at once
+        #: until it has)
+        self.ever_answered = False
+        # the batches (by root: halves are one batch) that failed in the current streak
+        self._failing: set[int] = set()
         #: the largest body the way to the service was seen to accept, learnt from 413
         self.body_limit: int | None = None
         self._dropped_at_start = 0
@@ -49,9 +63,14 @@ class Destination:
     def outage(self) -> bool:
         return self.outage_since is not None
 
-    def answered(self, now: float) -> bool:
-        """An answer that shows the service is up. True when it ends an outage."""
+    def answered(self, now: float, accepted: bool = False) -> bool:
+        """An answer that shows the service is up (``accepted``: a 2xx). True when it
+        ends an outage."""
         self.failing_since = None
+        self._failing.clear()
+        self.ever_answered = True
+        if accepted:
+            self.accepted += 1
         if self.outage_since is None:
             return False
         duration = now - self.outage_since
@@ -68,15 +87,27 @@ class Destination:
         self._ledger.outage(False)
         return True
 
-    def failed(self, now: float, cause: str, budget_spent: bool) -> bool:
-        """A retryable failure. True when the tracker is (now) in an outage: the batch
-        waits instead of retrying or giving up. ``budget_spent``: the batch's retry
-        policy would give up now."""
+    def failed(
+        self, now: float, cause: str, root: int, *, unreachable: bool, budget_spent: bool
+    ) -> bool:
+        """A retryable failure of the batch cut as ``root`` (or one of its halves). True
+        when the tracker is (now) in an outage: the batch waits instead of retrying or
+        giving up.
+
+        ``unreachable``: no connection could be made (evidence on its own);
+        ``budget_spent``: the batch's retry policy would give up now.
+        """
         if self.grace is None:
             return False
         if self.failing_since is None:
             self.failing_since = now
-        if self.outage_since is None and (budget_spent or now - self.failing_since >= self.grace):
+        self._failing.add(root)
+        evidence = unreachable or len(self._failing) >= 2
+        if (
+            self.outage_since is None
+            and evidence
+            and (budget_spent or now - self.failing_since >= self.grace)
+        ):
             self.outage_since = now
             self.cause = cause
             self._dropped_at_start = self._ledger.dropped

@@ -21,10 +21,13 @@ import contextlib
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from ._backlog import Backlog
 from ._batch import memory_size
+from ._event import decode_events
 from ._exceptions import AuthenticationError, DeliveryError, ShutdownError
 from ._spool import SpoolWriteError
 from ._stats import Stats
@@ -91,12 +94,26 @@ class Ledger:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._reported_kinds: set[tuple[type, int | None]] = set()
         self._spool_logged = False
+        # (events, why) given up to the spool since the last commit: logged once written
+        self._spooled_reasons: list[tuple[int, str]] = []
+        #: every batch opened and not settled yet: its one owner
+        self.backlog = Backlog()
+        #: why the spool was set aside, if it was (see `spool_failed`)
+        self.spool_error = ""
+        #: bugs caught and survived (see `internal_error`)
+        self.internal_errors = 0
+        self._internal_logged: set[tuple[str, type]] = set()
+        self._slow_hooks: set[str] = set()
+        #: the endpoint, named in every delivery error
+        self.endpoint = ""
+        # set while on_error runs in some thread: it is never re-entered from itself
+        self._in_on_error = threading.local()
 
     def reset(self) -> None:
         """Start from zero (in a forked child: the parent accounts for its events)."""
-        observers = self.request_observers
+        observers, endpoint = self.request_observers, self.endpoint
         self.__init__(self._on_error, self.spool)  # type: ignore[misc]
-        self.request_observers = observers
+        self.request_observers, self.endpoint = observers, endpoint
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -111,6 +128,7 @@ class Ledger:
             self.batches += 1
             self.held_bytes += batch.mem
             self._open[batch.root] = [n, spool_id]
+            self.backlog.add(batch)
 
     def settle(
         self,
@@ -130,6 +148,7 @@ class Ledger:
             else:
                 anomaly = False
                 batch.settled = True
+                self.backlog.discard(batch)
                 self.in_flight -= n
                 self.held_bytes -= batch.mem
                 if fate is Fate.DELIVERED:
@@ -157,16 +176,6 @@ class Ledger:
         if fate is Fate.SPOOLED and not spilled:
             assert spool is not None
             spool.add(batch)
-        if fate is Fate.SPOOLED:
-            assert spool is not None
-            logger.log(
-                logging.DEBUG if self._spool_logged else logging.WARNING,
-                "%d event(s) spooled to %s (%s); they are re-sent when a tracker next starts",
-                n,
-                spool.path,
-                error,
-            )
-            self._spool_logged = True
         if closed_row is not None and spool is not None:
             spool.remove(closed_row)
         if spilled and fate is not Fate.SPOOLED and spool is not None:
@@ -179,7 +188,11 @@ class Ledger:
 
     def give_up(self, batch: Batch, error: DeliveryError) -> None:
         """Out of time for ``batch``: spool it if there is a spool, else report it."""
-        self.settle(batch, Fate.FAILED if self.spool is None else Fate.SPOOLED, error)
+        if self.spool is None:
+            self.settle(batch, Fate.FAILED, error)
+            return
+        self.settle(batch, Fate.SPOOLED, error)
+        self._spooled_reasons.append((batch.n, str(error)))
 
     def fail_taken(self, events: Sequence[Event], error: DeliveryError) -> None:
         """Events taken from the queue that can never be sent (unencodable, or nowhere
@@ -224,12 +237,6 @@ class Ledger:
             self.spool.remove(batch.spill_row)
             batch.spill_row = None
 
-    def restored(self, batch: Batch) -> None:
-        """A spilled batch was read back into memory to be sent."""
-        with self._lock:
-            batch.mem = memory_size(len(batch.body), batch.n)
-            self.held_bytes += batch.mem
-
     def outage(self, started: bool) -> None:
         """An outage began (counted) or ended."""
         with self._lock:
@@ -258,10 +265,12 @@ class Ledger:
 
     async def commit_spool(self) -> None:
         """Write what was spooled since the last commit. Batches that cannot be written
-        (a full disk, an unwritable path) are failed and reported instead."""
+        (a full disk, an unwritable path) are failed and reported instead, and the spool
+        is set aside (`spool_failed`)."""
         spool = self.spool
         if spool is None or not spool.dirty:
             return
+        reasons, self._spooled_reasons = self._spooled_reasons, []
         try:
             await spool.commit()
         except SpoolWriteError as exc:
@@ -272,12 +281,56 @@ class Ledger:
             error = DeliveryError(f"could not write the spool {spool.path}: {exc}", events)
             error.__cause__ = exc.__cause__
             self.report(error)
+            self.spool_failed("write", exc)
+            return
+        for n, why in reasons:  # said only once they are on disk
+            logger.log(
+                logging.DEBUG if self._spool_logged else logging.WARNING,
+                "%d event(s) spooled to %s (%s); they are re-sent when a tracker next starts",
+                n,
+                spool.path,
+                why,
+            )
+            self._spool_logged = True
+
+    def spool_failed(self, doing: str, exc: BaseException) -> None:
+        """The spool could not be opened, read or written: the tracker runs on without
+        one (what could not be written is already reported). A file that could not be
+        read is moved aside (``<path>.unusable-<time>``), never deleted, so that whatever
+        it held is kept for a person to look at. Logged once at ERROR, and in `stats`."""
+        spool = self.spool
+        if spool is None:
+            return
+        self.spool = None
+        aside = spool.set_aside() if doing in ("open", "read") else None
+        where = f"; moved aside to {aside}" if aside else ""
+        self.spool_error = f"could not {doing} the spool {spool.path}: {exc}{where}"
+        logger.error("%s; running on without a spool", self.spool_error)
+
+    def internal_error(self, where: str, exc: Exception) -> None:
+        """A bug caught in ``where``: counted, logged once (with its traceback) for each
+        place and kind of exception, later ones at DEBUG."""
+        kind = (where, type(exc))
+        with self._lock:
+            self.internal_errors += 1
+            seen = kind in self._internal_logged
+            self._internal_logged.add(kind)
+        logger.log(
+            logging.DEBUG if seen else logging.ERROR,
+            "internal error in the %s: %s: %s; the batches in hand are failed, and it goes on",
+            where,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
 
     # -- reports --------------------------------------------------------------------------
 
     def report(self, error: DeliveryError) -> None:
         """Log the first failure of its kind at WARNING (a refused key at ERROR), later ones
         at DEBUG, and hand ``error`` to on_error (what that raises is logged)."""
+        if self.endpoint and error.endpoint is None:
+            error.endpoint = self.endpoint
         kind = (type(error), error.status)
         with self._lock:
             seen = kind in self._reported_kinds
@@ -289,13 +342,51 @@ class Ledger:
         else:
             level = logging.WARNING
         logger.log(level, "%d event(s) not delivered: %s", len(error.events), error)
-        if self._on_error is not None:
-            try:
-                self._on_error(error)
-            except Exception:
-                logger.exception("on_error raised; the error it was given is logged above")
+        if self._on_error is None:
+            return
+        local = self._in_on_error
+        if getattr(local, "active", False):  # on_error led here (it tracked after close)
+            logger.warning(
+                "%d event(s) failed while on_error ran (%s): not passed to on_error again",
+                len(error.events),
+                error,
+            )
+            return
+        local.active = True
+        started = time.perf_counter()
+        try:
+            self._on_error(error)
+        except Exception:
+            logger.exception("on_error raised; the error it was given is logged above")
+        finally:
+            local.active = False
+        self.slow_hook("on_error", time.perf_counter() - started)
+
+    def slow_hook(self, name: str, seconds: float) -> None:
+        """Log, once per hook, a call of ``name`` that took ``seconds`` if that is over
+        `SLOW_HOOK`: a hook runs on the tracker's loop, and holds every delivery."""
+        if seconds > SLOW_HOOK and name not in self._slow_hooks:
+            self._slow_hooks.add(name)
+            _log_slow_hook(name, seconds)
 
     # -- reads ----------------------------------------------------------------------------
+
+    async def restore(self, batch: Batch) -> None:
+        """Read a batch spilled during an outage back from the spool, to send it.
+
+        Raises:
+            LookupError: its row is gone, or the spool with it.
+        """
+        spool = self.spool
+        if spool is None or batch.spill_row is None:
+            raise LookupError(f"the spool holding {batch!r} was set aside")
+        body = await spool.read(batch.spill_row)
+        if body is None:
+            raise LookupError(f"spool row {batch.spill_row} of {batch!r} is gone")
+        batch.events, batch.body = decode_events(body), body
+        with self._lock:
+            batch.mem = memory_size(len(batch.body), batch.n)
+            self.held_bytes += batch.mem
 
     def stats(self, queued: int, queued_bytes: int = 0) -> Stats:
         """A snapshot that adds up, with ``queued`` events (reckoned at ``queued_bytes``
@@ -316,6 +407,8 @@ class Ledger:
                 outages=self.outages,
                 backlog_bytes=self.held_bytes + queued_bytes,
                 drops=dict(self.drops),
+                spool_error=self.spool_error,
+                internal_errors=self.internal_errors,
             )
 
     def settled_before(self, target: int) -> bool:
@@ -358,5 +451,31 @@ UNSENT_AT_CLOSE = (
 )
 
 
+#: Seconds a before_send or on_error call may take before it is logged (once) as slow.
+SLOW_HOOK = 0.1
+
+
+def _log_slow_hook(name: str, seconds: float) -> None:
+    logger.warning(
+        "%s took %.3f s (more than %.1f s): it runs on the tracker's event loop and "
+        "holds every delivery meanwhile; keep it fast",
+        name,
+        seconds,
+        SLOW_HOOK,
+    )
+
+
+#: The message of events still unsettled at the close deadline that were never sent.
+NEVER_SENT_AT_CLOSE = (
+    "the close deadline passed before these events could be sent (no attempt reached the server)"
+)
+
+
 def shutdown_error(events: Sequence[Event], message: str = UNSENT_AT_CLOSE) -> ShutdownError:
     return ShutdownError(message, events)
+
+
+def close_deadline_error(batch: Batch) -> ShutdownError:
+    """The error of ``batch``, unsettled at the close deadline: whether it may have
+    reached the server depends on how its attempts ended."""
+    return ShutdownError(UNSENT_AT_CLOSE if batch.maybe_sent else NEVER_SENT_AT_CLOSE, batch.events)

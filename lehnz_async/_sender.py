@@ -1,27 +1,34 @@
 """The sender: a pool of worker tasks that deliver batches, settling each in the ledger.
 
-The flusher hands each `Batch` over with `Sender.submit` once it holds one of the
-``max_concurrent_requests`` slots. A worker POSTs it; retries what is retryable with
-full-jitter backoff inside the `RetryPolicy`; obeys ``Retry-After`` as a pause of every
-worker; splits a batch the server refused as a whole (400/413) into halves with derived
-keys; and settles every part in the ledger: delivered, failed (reported), or given up
-(spooled, else reported). An unexpected exception settles the parts it held as failed,
-with that exception as the cause, and the worker goes on with the next batch.
+Every batch lives in the ledger's `Backlog` from its cut to its settlement; workers and
+the outage prober take batches from it and return them to it, along one path,
+`Sender._process` (take, attempt, settle), and nothing else holds one.
 
-During an outage (see `Destination`) workers park what they hold instead of retrying or
-giving up, and one prober task sends the oldest parked batch at growing intervals; when
-an answer shows the service is up, the workers take the parked batches first, oldest
-first.
+Failures are contained by scope:
 
-A cancelled worker settles nothing: the parts it held stay unsettled, and the flusher
-collects them with `leftovers` (to spool or report them at the close deadline, or to
-re-queue them, same bytes and key, when the loop was torn down).
+- a *batch*: retryable failures are retried with full-jitter backoff inside the
+  `RetryPolicy`; a batch refused as a whole (400/413) is split into halves with derived
+  keys; a batch that keeps getting 5xx while other batches are accepted holds a poison
+  event, and is bisected at once, so that its good events go and the poison one is
+  finally given up (`RetriesExhaustedError`, or the spool) on its own. (Not if an
+  attempt may have stored it, a timeout or a lost answer: halves have new keys, so the
+  server could store their events twice. Such a batch is retried and given up whole.)
+- the *destination*: only evidence across batches (see `Destination`) starts an outage.
+  During an outage workers park what they hold, and one prober sends a parked batch at
+  growing intervals, each parked batch in turn, so that no single batch holds the
+  outage open; any answer that shows the service up resumes every worker, parked
+  batches first;
+- a *bug* (any unexpected exception) while a batch is in hand: its parts are failed with
+  the exception as the cause, counted, logged once, and the worker or prober carries on.
+
+A cancelled worker settles nothing: its batches stay in the backlog, which the flusher
+sweeps at the end of the run (to give them up at the close deadline, or to re-queue them,
+same bytes and key, when the loop was torn down).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import inspect
 import logging
 import random
@@ -29,10 +36,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
-import msgspec
 
+from ._backlog import Backlog
 from ._batch import Batch
-from ._event import Event
 from ._exceptions import AuthenticationError, DeliveryError, RejectedError, RetriesExhaustedError
 from ._health import Destination
 from ._ledger import Fate, Ledger
@@ -41,41 +47,46 @@ from ._transport import BatchTransport, Response, TransportFailure
 
 logger = logging.getLogger("lehnz_async")
 
-_decode_events = msgspec.json.Decoder(list[Event])
 #: Backoff of the first probe of an outage, before jitter; doubles each probe.
 PROBE_BASE_DELAY = 1.0
+#: Consecutive 5xx answers to one batch, while others are accepted, before it is
+#: bisected as holding a poison event.
+POISON_AFTER = 2
+#: Backoff after a bug in a worker's or the prober's own loop, doubling to the cap.
+RESTART_DELAY, RESTART_MAX_DELAY = 0.1, 5.0
+_INGEST_PATH = "/api/v1/events/ingest"
 
 
 class _Retry:
     """A retryable failure of one attempt."""
 
-    __slots__ = ("delay", "failure", "pause", "response")
+    __slots__ = ("delay", "failure", "pause", "response", "unreachable")
 
-    def __init__(self, failure: str, response: Response | None, delay: float | None) -> None:
+    def __init__(
+        self, failure: str, response: Response | None, delay: float | None, unreachable: bool
+    ) -> None:
         self.failure = failure
         self.response = response
         self.delay = delay  # Retry-After, if the server said
+        self.unreachable = unreachable  # no connection could be made
         # a rate limit or Retry-After holds every worker, not only this batch's
         self.pause = response is not None and (response.status == 429 or delay is not None)
 
 
-_PARK = object()  # an outage: hand the batch back, do not retry or give up
-
-
-def _by_root(batch: Batch) -> int:
-    return batch.root
+_PARK = object()  # an outage: the batch waits in the backlog, neither retried nor given up
 
 
 class Sender:
-    """Delivers batches for one run of a flusher, on one loop.
+    """Delivers the backlog's batches for one run of a flusher, on one loop.
 
     Args:
         transport: Where to POST.
-        ledger: Where every batch is settled.
+        ledger: Where every batch is settled; its backlog holds every batch.
         policy: The retry policy.
         workers: Most batches in flight at once (``max_concurrent_requests``).
         rng: The source of backoff jitter (seeded in the simulation).
         destination: The endpoint's health, shared with later runs.
+        endpoint: The ingestion URL, named in messages about misconfiguration.
     """
 
     def __init__(
@@ -86,22 +97,21 @@ class Sender:
         workers: int,
         rng: random.Random,
         destination: Destination,
+        endpoint: str = "",
     ) -> None:
         self._transport = transport
         self._ledger = ledger
+        self.backlog: Backlog = ledger.backlog
         self._policy = policy
         self._max_workers = workers
         self._rng = rng
         self.destination = destination
-        #: one per batch in flight; the flusher acquires one before it cuts a batch
-        self.slots = asyncio.Semaphore(workers)
-        # batches handed over and not yet taken by a worker; None tells a worker to stop
-        self._outbox: asyncio.Queue[Batch | None] = asyncio.Queue()
+        self._endpoint = endpoint
         self._workers = 0
-        # the parts each worker (and the prober) holds: a batch, or what is left of it
-        self._in_hand: list[list[Batch]] = []
-        #: batches waiting out an outage, oldest first; sent before the outbox
-        self.parked: list[Batch] = []
+        # set when the backlog may have a batch for a worker, or when stopping
+        self._work = asyncio.Event()
+        #: set when a worker finishes a batch: the flusher waits on it for a free worker
+        self.freed = asyncio.Event()
         # set while the destination is healthy: parked workers wait on it
         self._resumed = asyncio.Event()
         # set while an outage lasts: backoffs under way end early on it
@@ -119,17 +129,22 @@ class Sender:
         # the coroutines handed to the task group: a task cancelled before its first step
         # (a loop torn down) never starts its coroutine, which `close_unstarted` closes
         self._spawned: list[Coroutine[Any, Any, None]] = []
-        #: reads a spilled batch back from the spool (set by the flusher)
-        self.restore: Callable[[Batch], Any] | None = None
+        self._misconfig_logged: set[str] = set()
+        # Retry-After of the last probe's answer: the next probe waits at least that
+        self._probe_wait = 0.0
 
     def bind(self, start_soon: Callable[..., Any]) -> None:
         """Give the sender the run's task group ``start_soon``, to start workers with."""
         self._start_soon = start_soon
         if self.destination.outage:  # an outage carried over from an earlier run
             self._start_probe()
+        elif self.backlog.active or self.backlog.parked:
+            self.wake()  # batches left by a torn-down loop: send them first
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self._spawned = [c for c in self._spawned if c.cr_frame is not None]  # not finished
+        self._spawned = [
+            c for c in self._spawned if inspect.getcoroutinestate(c) != inspect.CORO_CLOSED
+        ]
         coro = fn()
         self._spawned.append(coro)
         self._start_soon(lambda: coro)
@@ -142,83 +157,87 @@ class Sender:
                 coro.close()
         self._spawned.clear()
 
-    def submit(self, batch: Batch) -> None:
-        """Deliver ``batch`` (the caller holds one of `slots`, released when it settles)."""
-        self._outbox.put_nowait(batch)
-        if self._workers < self._max_workers:
+    @property
+    def has_free_worker(self) -> bool:
+        """Whether a batch cut now would go out at once (fewer batches ready or being
+        sent than workers)."""
+        return self.backlog.active < self._max_workers
+
+    def wake(self) -> None:
+        """The backlog has a batch ready (the flusher cut one): start or wake a worker."""
+        self._work.set()
+        if self._workers < self._max_workers and self._workers < self.backlog.active:
             # lazily: a run torn down before its first batch leaves no task unstarted
             self._workers += 1
             self._spawn(self.worker)
 
-    def park(self, batch: Batch) -> None:
-        """Hold ``batch`` until the outage ends (the caller holds no slot for it)."""
-        bisect.insort(self.parked, batch, key=_by_root)
-
     def stop(self) -> None:
-        """Each worker stops once the batches handed over before this call are settled
-        (what an outage parks after this is sent by the prober when it ends)."""
+        """Each worker stops once the backlog has nothing ready for it (what an outage
+        parks after this is sent by the prober when it ends)."""
         self._stopped = True
-        for _ in range(self._workers):
-            self._outbox.put_nowait(None)
-
-    def _unqueue(self) -> None:
-        """An outage: what waits in the outbox for a worker is parked (no worker will
-        send it before the outage ends), and its slot given back."""
-        stops = 0
-        while not self._outbox.empty():
-            item = self._outbox.get_nowait()
-            if item is None:
-                stops += 1
-            else:
-                self.slots.release()
-                self.park(item)
-        for _ in range(stops):
-            self._outbox.put_nowait(None)
-
-    def leftovers(self) -> list[Batch]:
-        """Every part handed over and not settled (after the workers were cancelled),
-        oldest first."""
-        parts = [part for held in self._in_hand for part in held if not part.settled]
-        parts += [part for part in self.parked if not part.settled]
-        self.parked = []
-        while not self._outbox.empty():
-            item = self._outbox.get_nowait()
-            if item is not None and not item.settled:
-                parts.append(item)
-        self._in_hand.clear()
-        return sorted(parts, key=_by_root)
+        self._work.set()
 
     # -- workers --------------------------------------------------------------------------
 
-    async def _next(self) -> tuple[Batch | None, bool]:
-        """The next batch to send, and whether it holds a slot: parked ones first."""
-        await self._resumed.wait()
-        if self.parked:
-            return self.parked.pop(0), False
-        batch = await self._outbox.get()
-        return batch, batch is not None
+    async def _take(self) -> Batch | None:
+        """The next batch for a worker, parked ones first; None when stopped and drained."""
+        backlog = self.backlog
+        while True:
+            await self._resumed.wait()
+            batch = backlog.take(parked_first=True)
+            if batch is not None:
+                return batch
+            if self._stopped:
+                return None
+            self._work.clear()
+            await self._work.wait()
 
     async def worker(self) -> None:
-        """Deliver batches, one at a time, until handed None."""
+        """Deliver batches, one at a time, until stopped and drained. A bug in this loop
+        itself is survived: logged once, then the worker goes on after a backoff."""
+        delay = RESTART_DELAY
         while True:
-            batch, holds_slot = await self._next()
-            if batch is None:
-                return
-            held = [batch]
-            self._in_hand.append(held)
-            await self._run(held)
-            # cancelled: `held` stays in _in_hand, unsettled, for leftovers()
-            self._in_hand.remove(held)
-            if holds_slot:
-                self.slots.release()
-            await self._ledger.commit_spool()
+            try:
+                batch = await self._take()
+                if batch is None:
+                    return
+                await self._process(batch)
+                await self._ledger.commit_spool()
+                delay = RESTART_DELAY
+            except Exception as exc:
+                self._ledger.internal_error("sender's worker", exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, RESTART_MAX_DELAY)
 
-    async def _run(self, held: list[Batch]) -> None:
-        """Deliver ``held``, settling every part whatever is raised (but cancellation)."""
+    async def _process(self, batch: Batch, probe: bool = False) -> bool:
+        """The one path of a batch taken from the backlog: attempt it (and its halves, if
+        it is split) until each part is settled or parked. With ``probe``, one attempt
+        only: a retryable failure parks it again. Whatever is raised but cancellation,
+        the parts in hand are settled as failed, with the exception as the cause.
+
+        Returns whether the destination answered (for the prober).
+        """
+        held = [batch]
+        answered = False
         try:
-            await self._deliver(held)
+            while held:
+                part = held[-1]
+                outcome = await self._attempts(part, probe)
+                if outcome is _PARK:
+                    for left in held:
+                        self.backlog.park(left)
+                    return answered
+                answered = True
+                held.pop()
+                if isinstance(outcome, tuple):
+                    self.backlog.replace(part, outcome)
+                    held.extend(reversed(outcome))
+                    probe = False  # the service is up: the halves go as a worker's would
+                elif not part.settled:
+                    raise AssertionError(f"{part!r} left unsettled")
         except Exception as exc:  # a bug or a surprise: never strand the events
-            logger.exception("unexpected error while delivering %r", held)
+            where = "outage prober" if probe else "sender"
+            self._ledger.internal_error(where, exc)
             for part in held:
                 if not part.settled:
                     error = DeliveryError(
@@ -227,23 +246,9 @@ class Sender:
                     )
                     error.__cause__ = exc
                     self._ledger.settle(part, Fate.FAILED, error)
-            held.clear()
-
-    async def _deliver(self, held: list[Batch]) -> None:
-        """Deliver the parts in ``held``, the next one last, splitting where refused and
-        parking the rest in an outage."""
-        while held:
-            outcome = await self._attempts(held[-1])
-            if outcome is _PARK:
-                for part in held:
-                    self.park(part)
-                held.clear()
-                return
-            part = held.pop()
-            if isinstance(outcome, tuple):
-                held.extend(reversed(outcome))
-            elif not part.settled:
-                raise AssertionError(f"{part!r} left unsettled")
+        finally:
+            self.freed.set()  # a batch left the active ones: the flusher may cut another
+        return answered
 
     async def _wait_pause(self, loop: asyncio.AbstractEventLoop) -> None:
         # a loop, not one sleep: another 429 may push the pause further meanwhile. A
@@ -252,20 +257,24 @@ class Sender:
         while (delay := self._paused_until - loop.time()) > 0.001:  # noqa: ASYNC110
             await anyio.sleep(delay)
 
-    async def _attempts(self, part: Batch) -> tuple[Batch, Batch] | object | None:
+    async def _attempts(self, part: Batch, probe: bool) -> tuple[Batch, Batch] | object | None:
         """Send ``part`` until it is settled (None), must be split (its halves), or must
         wait out an outage (`_PARK`)."""
         policy, dest = self._policy, self.destination
         loop = asyncio.get_running_loop()
         while True:
-            if dest.outage:
+            if dest.outage and not probe:
                 return _PARK
             await self._wait_pause(loop)
-            if dest.outage:
+            if dest.outage and not probe:
                 return _PARK
             outcome = await self._attempt(part)
             if not isinstance(outcome, _Retry):
                 return outcome
+            if probe:
+                logger.debug("outage probe: %s", outcome.failure)
+                self._probe_wait = outcome.delay or 0.0  # Retry-After rules
+                return _PARK
             if outcome.delay is not None:
                 delay = outcome.delay
             else:
@@ -273,9 +282,25 @@ class Sender:
             assert part.first_attempt is not None
             elapsed = loop.time() - part.first_attempt
             spent = part.attempts >= policy.max_attempts or elapsed + delay > policy.max_time
-            if dest.failed(loop.time(), outcome.failure, budget_spent=spent):
+            poisoned = self._poisoned(part, outcome)
+            if not poisoned and dest.failed(
+                loop.time(),
+                outcome.failure,
+                part.root,
+                unreachable=outcome.unreachable,
+                budget_spent=spent,
+            ):
                 self._start_probe()
                 return _PARK
+            if poisoned and part.n > 1 and not part.maybe_sent:  # (halves: new keys)
+                # 5xx for this batch alone while others are accepted: a poison event is
+                # in it; its halves are tried apart, each with a retry budget of its own
+                logger.debug("%s for %d events while others go: bisecting", outcome.failure, part.n)
+                self._ledger.unspill(part)
+                halves = part.split()
+                for half in halves:
+                    half.attempts, half.first_attempt = 0, None
+                return halves
             if spent:
                 response = outcome.response
                 self._ledger.give_up(
@@ -297,14 +322,25 @@ class Sender:
             with anyio.move_on_after(delay):
                 await self._outage_began.wait()
 
+    def _poisoned(self, part: Batch, outcome: _Retry) -> bool:
+        """Whether ``part`` keeps getting 5xx while other batches are accepted: its own
+        fault (a poison event), not the destination's."""
+        response = outcome.response
+        if response is None or response.status < 500:
+            part.failures_5xx = 0
+            return False
+        if part.failures_5xx == 0:
+            part.others_ok = self.destination.accepted
+        part.failures_5xx += 1
+        return part.failures_5xx >= POISON_AFTER and self.destination.accepted > part.others_ok
+
     async def _attempt(self, part: Batch) -> tuple[Batch, Batch] | _Retry | None:
         """One request for ``part``: settled (None), to be split (its halves), or a
         retryable failure."""
         ledger, dest = self._ledger, self.destination
         loop = asyncio.get_running_loop()
         if part.spill_row is not None and not part.events:
-            assert self.restore is not None
-            await self.restore(part)
+            await ledger.restore(part)
         if part.first_attempt is None:
             part.first_attempt = loop.time()
         part.attempts += 1
@@ -315,22 +351,32 @@ class Sender:
             response = await self._transport.post(part.body, part.key)
         except TransportFailure as exc:
             ledger.answered(loop.time() - started, None, type(exc.__cause__ or exc).__name__)
+            part.maybe_sent |= exc.reached
+            self._misconfigured(exc.hint, str(exc))
             if exc.permanent:
                 dest.answered(loop.time())  # not the service failing: never an outage
                 error = DeliveryError(f"{exc} (not retried: fix the configuration)", part.events)
                 error.__cause__ = exc.__cause__
                 ledger.settle(part, Fate.FAILED, error)
                 return None
-            return _Retry(str(exc), None, None)
-        except BaseException as exc:  # cancelled, or a surprise the worker settles
+            return _Retry(str(exc), None, None, unreachable=not exc.reached)
+        except BaseException as exc:  # cancelled, or a surprise the caller settles
+            part.maybe_sent = True  # it may have reached the server meanwhile
             ledger.answered(loop.time() - started, None, type(exc).__name__)
             raise
         status = response.status
         ledger.answered(loop.time() - started, status, None)
         failure = f"HTTP {status}: {response.message}"
         if status in RETRYABLE_STATUSES:
-            return _Retry(failure, response, response.retry_after)
-        if dest.answered(loop.time()):  # the service is up again
+            return _Retry(failure, response, response.retry_after, unreachable=False)
+        if status in (404, 405):
+            self._misconfigured(
+                f"is it the ingestion URL? It ends in {_INGEST_PATH}"
+                if not self._endpoint.rstrip("/").endswith(_INGEST_PATH)
+                else "is the host the ingestion service?",
+                failure,
+            )
+        if dest.answered(loop.time(), accepted=200 <= status < 300):  # up again
             self._resume()
         if 200 <= status < 300:
             ledger.settle(part, Fate.DELIVERED)
@@ -352,79 +398,77 @@ class Sender:
         ledger.settle(part, Fate.FAILED, error)
         return None
 
+    def _misconfigured(self, hint: str, failure: str) -> None:
+        """Before the endpoint has ever answered, say at once (ERROR, once per hint)
+        what in the configuration looks wrong."""
+        if not hint or self.destination.ever_answered or hint in self._misconfig_logged:
+            return
+        self._misconfig_logged.add(hint)
+        logger.error("the endpoint %s looks misconfigured: %s (%s)", self._endpoint, hint, failure)
+
     # -- the outage probe -----------------------------------------------------------------
 
     def _resume(self) -> None:
         """The endpoint answers again: parked workers go on, backoffs run their course."""
         self._outage_began.clear()
         self._resumed.set()
+        self.wake()
 
     def _start_probe(self) -> None:
         self._resumed.clear()
         self._outage_began.set()
-        self._unqueue()
+        self.backlog.park_ready()  # no worker sends them before the outage ends
+        self.freed.set()
         if not self._probing:
             self._probing = True
             self._spawn(self._probe)
 
     async def _probe(self) -> None:
-        """While the outage lasts: send the oldest parked batch, one request at a time,
-        at growing intervals (equal jitter, capped at ``probe_max_delay``). After it, if
-        the workers have stopped already (the run is closing), send what is parked."""
+        """While the outage lasts: send one parked batch, each in turn, one request at a
+        time, at growing intervals (equal jitter, capped at ``probe_max_delay``). After
+        it, if the workers have stopped already (the run is closing), send what is
+        parked. A bug in this loop is survived like a worker's."""
         dest, loop = self.destination, asyncio.get_running_loop()
+        probes, restart = 0, RESTART_DELAY
         try:
             while True:
-                await self._probe_until_answered(dest, loop)
-                self._resume()
-                while self._stopped and self.parked and not dest.outage:
-                    held = [self.parked.pop(0)]
-                    self._in_hand.append(held)
-                    await self._run(held)
-                    self._in_hand.remove(held)
-                    await self._ledger.commit_spool()
-                if not dest.outage:
-                    return
+                try:
+                    while dest.outage:
+                        ceiling = min(
+                            dest.probe_max_delay, PROBE_BASE_DELAY * 2.0 ** min(probes, 30)
+                        )
+                        jitter = ceiling / 2 + self._rng.random() * ceiling / 2
+                        delay = max(self._probe_wait, jitter)
+                        self._probe_wait = 0.0
+                        await anyio.sleep(delay)
+                        await self._wait_pause(loop)
+                        self.backlog.park_ready()
+                        if not dest.outage:
+                            break
+                        batch = self.backlog.take_probe()
+                        if batch is None:
+                            continue  # nothing to probe with yet (the flusher cuts one)
+                        probes += 1
+                        if await self._process(batch, probe=True):
+                            logger.debug("outage probe %d answered; resuming", probes)
+                        await self._ledger.commit_spool()
+                    self._resume()
+                    while self._stopped and not dest.outage:  # closing: send what is left
+                        batch = self.backlog.take(parked_first=True)
+                        if batch is None:
+                            return
+                        await self._process(batch)
+                        await self._ledger.commit_spool()
+                    if not dest.outage:
+                        return
+                except Exception as exc:
+                    self._ledger.internal_error("outage prober", exc)
+                    await anyio.sleep(restart)
+                    restart = min(restart * 2, RESTART_MAX_DELAY)
         finally:
             self._probing = False
-
-    async def _probe_until_answered(
-        self, dest: Destination, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        wait = 0.0
-        probes = 0
-        while dest.outage:
-            ceiling = min(dest.probe_max_delay, PROBE_BASE_DELAY * 2.0 ** min(probes, 30))
-            delay = max(wait, ceiling / 2 + self._rng.random() * ceiling / 2)
-            await anyio.sleep(delay)
-            await self._wait_pause(loop)
-            self._unqueue()
-            if not dest.outage or not self.parked:
-                continue  # over; or nothing to probe with yet (the flusher hands one over)
-            probes += 1
-            held = [self.parked.pop(0)]
-            self._in_hand.append(held)
-            try:
-                outcome = await self._attempt(held[0])
-            except Exception:
-                await self._run(held)  # settles it as failed, with the cause
-                outcome = None
-            self._in_hand.remove(held)
-            if isinstance(outcome, _Retry):
-                logger.debug("outage probe %d: %s", probes, outcome.failure)
-                wait = outcome.delay or 0.0  # Retry-After rules
-                self.park(held[0])
-                continue
-            logger.debug("outage probe %d answered; resuming", probes)
-            if isinstance(outcome, tuple):
-                for half in outcome:
-                    self.park(half)
-            await self._ledger.commit_spool()
 
     @property
     def wants_probe_batch(self) -> bool:
         """In an outage with nothing parked to probe with."""
-        return self.destination.outage and not self.parked
-
-
-def decode_events(body: bytes) -> list[Event]:
-    return _decode_events.decode(body)
+        return self.destination.outage and not self.backlog.parked

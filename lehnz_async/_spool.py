@@ -114,6 +114,17 @@ class Spool:
         """Bytes of bodies the spool holds."""
         return await self._run(self._size)
 
+    def set_aside(self) -> str | None:
+        """Move an unusable spool file out of the way (``<path>.unusable-<time>``), so
+        that whatever it holds is kept for a person to look at; its new path, or None if
+        it could not be moved (or there is no file)."""
+        aside = f"{self.path}.unusable-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            os.replace(self.path, aside)
+        except OSError:
+            return None
+        return aside
+
     # -- blocking, off the loop -----------------------------------------------------------
 
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:

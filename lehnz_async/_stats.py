@@ -44,3 +44,9 @@ class Stats(NamedTuple):
     #: Dropped events by reason: ``max_queue_size``, ``max_buffer_bytes``,
     #: ``max_event_age``, ``max_spool_bytes``, ``unreadable_spool_row``.
     drops: dict[str, int] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
+    #: Why the spool was set aside (it could not be opened, read or written), if it was:
+    #: the tracker then runs on without one. Empty while it works, or with no spool.
+    spool_error: str = ""
+    #: Unexpected exceptions (bugs) that a part of the engine caught and survived: the
+    #: batches in hand were failed with the exception as the cause, and it carried on.
+    internal_errors: int = 0

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import anyio
 import msgspec
 
 from ._binding import LoopBinding, State
@@ -45,6 +46,7 @@ from ._config import (
     DEFAULT_REQUEST_TIMEOUT,
     Config,
     OnError,
+    positive_float,
     resolve_api_key,
     resolve_endpoint,
 )
@@ -211,6 +213,7 @@ class Tracker:
         )
         spool = None if config.spool_path is None else Spool(config.spool_path)
         self._ledger = ledger = Ledger(config.on_error, spool)
+        ledger.endpoint = "capture" if capture else config.endpoint
         self._buffer = buffer = Buffer(config, ledger)
         # the hot path's handles on the buffer (the same deque for the tracker's life)
         self._events = buffer.events
@@ -548,16 +551,32 @@ class Tracker:
     ) -> None:
         self.close()
 
-    async def flush(self) -> None:
+    async def flush(self, timeout: float | None = None) -> None:
         """Return once every event tracked before this call is delivered or reported.
 
         Partial batches are sent at once instead of waiting for ``flush_interval``.
-        Wrap it in ``anyio.move_on_after()`` (or ``asyncio.timeout()``) to bound the wait.
-        Returns at once on a closed tracker (its close settled everything).
+        During an outage nothing gives up, so without a ``timeout`` this waits until the
+        endpoint is back. Returns at once on a closed tracker (its close settled
+        everything).
+
+        Raises:
+            TimeoutError: not everything settled within ``timeout`` seconds (the events
+                stay queued and in flight: nothing is given up).
         """
         binding = self._binding
-        if not binding.closing:
+        if binding.closing:
+            return
+        if timeout is None:
             await binding.on_loop(binding.flush)
+            return
+        positive_float("timeout", timeout)
+        try:
+            with anyio.fail_after(timeout):
+                await binding.on_loop(binding.flush)
+        except TimeoutError:
+            raise TimeoutError(
+                f"flush() did not settle everything within {timeout} s ({self.stats})"
+            ) from None
 
     def flush_sync(self, timeout: float | None = None) -> None:
         """The blocking form of `flush()`, for code that runs no event loop.

@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import platform
 import re
+import socket
 import ssl as ssl_module
 import time
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -42,11 +43,21 @@ class Response(NamedTuple):
 class TransportFailure(Exception):
     """No usable answer: a timeout, a refused or dropped connection (retryable); or,
     when ``permanent``, a failure that retrying cannot mend: a certificate that does not
-    verify, an answer that is not HTTP."""
+    verify, an answer that is not HTTP.
 
-    def __init__(self, message: str, permanent: bool = False) -> None:
+    ``reached`` is False when the request certainly never reached the server (the
+    connection could not be made), and ``hint`` names the likely mistake in the
+    configuration when the failure looks like one (a host name that does not resolve,
+    TLS spoken to a plain HTTP port).
+    """
+
+    def __init__(
+        self, message: str, permanent: bool = False, reached: bool = True, hint: str = ""
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.reached = reached
+        self.hint = hint
 
 
 #: Bytes of an error body read at most; the rest is never read (a proxy's 10 MB page).
@@ -250,6 +261,28 @@ class Transport:
         except aiohttp.ClientResponseError as exc:  # the parser's: not an HTTP answer
             raise TransportFailure(
                 f"{url} did not answer in HTTP: {type(exc).__name__}: {exc}", permanent=True
+            ) from exc
+        except (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError) as exc:
+            raise TransportFailure(
+                f"TLS handshake with {url} failed: {exc}",
+                reached=False,
+                hint="the server does not speak TLS there: use http://, or the right port"
+                if url.startswith("https:")
+                else "",
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
+            hint = ""
+            if isinstance(exc.os_error, socket.gaierror):
+                hint = f"the host name {exc.host!r} does not resolve: check the endpoint URL"
+            raise TransportFailure(
+                f"{type(exc).__name__}: {exc}", reached=False, hint=hint
+            ) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise TransportFailure(
+                f"{type(exc).__name__}: {exc}",
+                hint="the connection was closed unanswered: if the server speaks TLS, use https://"
+                if url.startswith("http:")
+                else "",
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc

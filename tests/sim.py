@@ -220,6 +220,10 @@ class Sim:
             before_send=rng.choice((None, None, _hook)),
             on_error=self.errors,
         )
+        # a budget that cannot hold one full batch is refused: cut smaller batches then
+        budget = self.options["max_buffer_bytes"]
+        if budget < 2 * 1024 * self.options["max_batch_size"]:
+            self.options["max_batch_bytes"] = budget // 2
         self.tracker = Tracker._simulated(
             self.transport, rng=random.Random(seed), spool=self.spool, **self.options
         )

@@ -268,6 +268,7 @@ from lehnz_async import Tracker
 async def main(url, key, path):
     # outage mode at its defaults, a small memory budget: what it cannot hold spills
     tracker = Tracker(key, endpoint=url, spool_path=path, max_buffer_bytes=300_000,
+        max_batch_bytes=100_000,
                       max_batch_size=50, flush_interval=0.05)
     await tracker.start()
     i = 0

@@ -16,7 +16,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lehnz_async import RetryPolicy, Tracker, _flusher, _transport
+from lehnz_async import RetryPolicy, Tracker, _transport
+from lehnz_async._backlog import Backlog
 from lehnz_async._batch import new_key
 from lehnz_async._sender import Sender
 
@@ -100,13 +101,12 @@ def _old_error_message(body: bytes) -> str | None:
 
 async def _stranding_worker(self: Sender) -> None:
     """0.1's: a worker that drops a batch it failed on without settling it."""
-    while (batch := await self._outbox.get()) is not None:
-        held = [batch]
-        self._in_hand.append(held)
+    while (batch := await self._take()) is not None:
         with contextlib.suppress(Exception):
-            await self._deliver(held)
-        self._in_hand.remove(held)
-        self.slots.release()
+            await self._attempts(batch, False)
+        if not batch.settled and batch.state == "sending":
+            self.backlog.sending.remove(batch)  # neither settled nor kept: stranded
+        self.freed.set()
 
 
 def test_the_simulation_catches_a_batch_stranded_by_an_undecodable_body(
@@ -121,15 +121,14 @@ def test_the_simulation_catches_a_batch_stranded_by_an_undecodable_body(
 def test_the_simulation_catches_a_requeued_batch_that_changes_its_key(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settle = _flusher.Flusher._settle_leftovers
+    requeue = Backlog.requeue
 
-    def requeue_with_new_keys(self: _flusher.Flusher) -> None:
-        settle(self)
-        if self.orphaned:
-            for batch in self._buffer.batches:
-                batch.key = new_key()  # 0.1: re-queued events were cut anew, new key
+    def requeue_with_new_keys(self: Backlog) -> None:
+        requeue(self)
+        for batch in self.ready:
+            batch.key = new_key()  # 0.1: re-queued events were cut anew, new key
 
-    monkeypatch.setattr(_flusher.Flusher, "_settle_leftovers", requeue_with_new_keys)
+    monkeypatch.setattr(Backlog, "requeue", requeue_with_new_keys)
     found = first_failing_seed(range(SEEDS))
     assert found is not None, "no seed noticed a batch stored twice"
     assert "stored twice" in str(found[1])
