@@ -6,6 +6,8 @@ of three places, which its ``state`` names:
 
 - ``ready``: waiting for a worker, oldest first (also what a torn-down loop left in
   flight, and what an outage parked, once the outage ends);
+- ``waiting``: backing off after a retryable failure, until its retry is due; it holds
+  no worker meanwhile, so batches that keep failing never keep the others waiting;
 - ``sending``: in the hand of a worker or of the outage prober (a bisected batch is
   replaced by its halves here);
 - ``parked``: waiting out an outage, oldest first; a parked batch may also be spilled
@@ -19,12 +21,14 @@ to the backlog; nothing else holds a batch. So the end of a run has one sweep
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Iterator
 
 from ._batch import Batch
 
-READY, SENDING, PARKED = "ready", "sending", "parked"
+READY, WAITING, SENDING, PARKED = "ready", "waiting", "sending", "parked"
 
 
 def _by_root(batch: Batch) -> int:
@@ -36,6 +40,9 @@ class Backlog:
 
     def __init__(self) -> None:
         self.ready: deque[Batch] = deque()
+        # min-heap of (when its retry is due, tie-breaker, batch)
+        self.waiting: list[tuple[float, int, Batch]] = []
+        self._order = itertools.count()
         self.sending: list[Batch] = []
         #: oldest first (by sequence number)
         self.parked: list[Batch] = []
@@ -44,12 +51,18 @@ class Backlog:
         self._probe_turn = 0
 
     def __len__(self) -> int:
-        return len(self.ready) + len(self.sending) + len(self.parked)
+        return len(self.ready) + len(self.waiting) + len(self.sending) + len(self.parked)
 
     def __iter__(self) -> Iterator[Batch]:
         yield from self.ready
+        yield from (batch for _, _, batch in self.waiting)
         yield from self.sending
         yield from self.parked
+
+    @property
+    def next_due(self) -> float | None:
+        """When the first waiting batch's retry is due, if one waits."""
+        return self.waiting[0][0] if self.waiting else None
 
     @property
     def active(self) -> int:
@@ -61,11 +74,14 @@ class Backlog:
         batch.state = READY
         self.ready.append(batch)
 
-    def take(self, parked_first: bool) -> Batch | None:
-        """The next batch for a worker (parked ones first if ``parked_first``), now
-        ``sending``; None if there is none."""
+    def take(self, parked_first: bool, now: float) -> Batch | None:
+        """The next batch for a worker (parked ones first if ``parked_first``, then a
+        waiting one whose retry is due at ``now``, then a ready one), now ``sending``;
+        None if there is none."""
         if parked_first and self.parked:
             batch = self.parked.pop(0)
+        elif self.waiting and self.waiting[0][0] <= now:
+            batch = heapq.heappop(self.waiting)[2]
         elif self.ready:
             batch = self.ready.popleft()
         else:
@@ -92,11 +108,20 @@ class Backlog:
         batch.state = PARKED
         bisect.insort(self.parked, batch, key=_by_root)
 
+    def wait(self, batch: Batch, due: float) -> None:
+        """``batch`` (sending) backs off until ``due``."""
+        self._remove(batch)
+        batch.state = WAITING
+        heapq.heappush(self.waiting, (due, next(self._order), batch))
+
     def park_ready(self) -> int:
-        """An outage began: park what waits for a worker. How many were parked."""
-        n = len(self.ready)
+        """An outage began: park what is ready and what backs off (no worker sends it
+        before the outage ends). How many were parked."""
+        n = len(self.ready) + len(self.waiting)
         while self.ready:
             self.park(self.ready[0])
+        while self.waiting:
+            self.park(self.waiting[0][2])
         return n
 
     def replace(self, batch: Batch, halves: tuple[Batch, Batch]) -> None:
@@ -116,6 +141,7 @@ class Backlog:
         torn-down loop (to re-queue them with `requeue`)."""
         batches = sorted(self, key=_by_root)
         self.ready.clear()
+        self.waiting.clear()
         self.sending.clear()
         self.parked.clear()
         for batch in batches:
@@ -134,6 +160,11 @@ class Backlog:
         state = batch.state
         if state == READY:
             self.ready.remove(batch)
+        elif state == WAITING:
+            index = next(i for i, entry in enumerate(self.waiting) if entry[2] is batch)
+            self.waiting[index] = self.waiting[-1]
+            self.waiting.pop()
+            heapq.heapify(self.waiting)
         elif state == SENDING:
             self.sending.remove(batch)
         elif state == PARKED:

@@ -66,6 +66,8 @@ class Batch:
             this batch (a poison event), not in the service.
         maybe_sent: An attempt ended with no answer after the request may have reached
             the server (a timeout, a dropped connection), so it may be stored already.
+        replayed: It was read back from the spool (or is a half of such a batch): it
+            was given up once already.
     """
 
     __slots__ = (
@@ -79,6 +81,7 @@ class Batch:
         "mem",
         "n",
         "others_ok",
+        "replayed",
         "root",
         "settled",
         "spill_row",
@@ -109,6 +112,7 @@ class Batch:
         self.failures_5xx = 0
         self.others_ok = 0
         self.maybe_sent = False
+        self.replayed = spool_id is not None
 
     def __len__(self) -> int:
         return self.n
@@ -129,6 +133,7 @@ class Batch:
         halves[1].mem = self.mem - halves[0].mem
         for part in halves:
             part.maybe_sent = self.maybe_sent
+            part.replayed = self.replayed
         return halves
 
     def __repr__(self) -> str:

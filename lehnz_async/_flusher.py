@@ -23,6 +23,7 @@ import time
 from collections import deque
 
 import anyio
+import anyio._backends._asyncio  # imported now, not by the loop thread: see below
 import msgspec
 
 from . import _batch
@@ -38,6 +39,9 @@ from ._spool import SpooledBatch
 from ._transport import BatchTransport
 
 logger = logging.getLogger("lehnz_async")
+# anyio imports its backend at the first task group. Were the tracker's loop thread to do
+# that while the process forks (gunicorn --preload), the child would inherit the module's
+# import lock held by a thread it does not have, and its loop thread would block forever.
 
 _spool_decoder = msgspec.json.Decoder(list[Event])
 _UNSENT = "the tracker closed before these events were sent"
@@ -103,6 +107,10 @@ class Flusher:
         #: time.monotonic() of the close deadline, set when close is called (read
         #: between hook calls: a hook that blocks the loop keeps timers from firing)
         self.deadline_at = float("inf")
+        # (events, kept so far, index) while before_send runs over a cut; see
+        # abandon_hooked
+        self._hooked: tuple[list[Event], list[Event], int] | None = None
+        self._abandoned = False
 
     # -- what the loop binding calls ------------------------------------------------------
 
@@ -116,6 +124,9 @@ class Flusher:
                 await self._replay(rows)
                 await self._supervise()
                 self.sender.stop()
+        except Exception as exc:  # a bug outside the supervised loop: settle, never strand
+            self._ledger.internal_error("flusher's run", exc)
+            self.closing = True
         finally:
             self.orphaned = not self.closing
             self.sender.close_unstarted()
@@ -257,7 +268,11 @@ class Flusher:
             backlog.park(batch)
         ledger = self._ledger
         budget = self._config.max_buffer_bytes
-        while ledger.spool is not None and ledger.held_bytes + buffer.queued_bytes > budget // 2:
+        while (
+            ledger.spool is not None
+            and ledger.spool_writable
+            and ledger.held_bytes + buffer.queued_bytes > budget // 2
+        ):
             # memory is filling: write the newest batch held in memory to disk (the
             # oldest stays, to probe with), else cut one off the queue and write that
             held = [b for b in backlog.parked[1:] if b.spill_row is None]
@@ -274,10 +289,14 @@ class Flusher:
                 if not await self._spill(batch):
                     break  # the spool is full too: the overflow policy decides
             except Exception as exc:  # a full disk, an unwritable file
-                ledger.spool_failed("write", exc)
+                self._spill_failed(exc)
                 break
         self.room.set()
         buffer.open()
+
+    def _spill_failed(self, exc: Exception) -> None:
+        """A spill could not be written: storage's failure, not the flusher's."""
+        self._ledger.spool_failed("write", exc)
 
     async def _spill(self, batch: Batch) -> bool:
         """Write ``batch`` to the spool and let go of it in memory; False if the spool
@@ -350,6 +369,7 @@ class Flusher:
         kept: list[Event] = []
         started = time.perf_counter()
         for index, event in enumerate(events):
+            self._hooked = (events, kept, index)  # for abandon_hooked()
             if self._past_deadline or time.monotonic() >= self.deadline_at:
                 self._past_deadline = True  # a hook that blocks cannot stretch the deadline
                 left = events[index:]
@@ -357,6 +377,8 @@ class Flusher:
                 break
             try:
                 out = hook(event)
+                if self._abandoned:  # reported at exit while the hook ran
+                    return []
                 if out is not None and out.__class__ is not Event:
                     raise TypeError(f"it returned a {type(out).__name__}, not an Event or None")
             except Exception as exc:
@@ -371,9 +393,21 @@ class Flusher:
                 ledger.drop(1, taken=True, reason="before_send")
             else:
                 kept.append(out)
+        self._hooked = None
         if events:
             ledger.slow_hook("before_send", (time.perf_counter() - started) / len(events))
         return kept
+
+    def abandon_hooked(self) -> list[Event]:
+        """At exit, with the loop stuck (in a hook that blocks, say): the events taken
+        off the queue that ``before_send`` is going through, to be reported; the flusher
+        does not account for them again if the hook ever returns."""
+        self._abandoned = True
+        hooked, self._hooked = self._hooked, None
+        if hooked is None:
+            return []
+        events, kept, index = hooked
+        return kept + events[index:]
 
     async def _replay(self, rows: list[SpooledBatch]) -> None:
         """Hand over what an earlier tracker spooled, oldest first, with its keys."""
@@ -407,7 +441,8 @@ class Flusher:
             ledger.give_up(left, close_deadline_error(left))
         if not buffer.queued:
             return
-        if ledger.spool is None or (self._past_deadline and self._config.before_send):
+        unscrubbed = self._past_deadline and self._config.before_send is not None
+        if ledger.spool is None or not ledger.spool_writable or unscrubbed:
             # unsent events are not run through before_send once the deadline has passed
             # (so no unscrubbed event is spooled): they are reported
             leftover_events = list(buffer.staged) + list(buffer.events)

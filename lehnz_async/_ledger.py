@@ -100,6 +100,9 @@ class Ledger:
         self.backlog = Backlog()
         #: why the spool was set aside, if it was (see `spool_failed`)
         self.spool_error = ""
+        #: False once a write to the spool failed (a full disk): nothing more is written
+        #: there, but what it holds is still read back and removed
+        self.spool_writable = True
         #: bugs caught and survived (see `internal_error`)
         self.internal_errors = 0
         self._internal_logged: set[tuple[str, type]] = set()
@@ -186,9 +189,14 @@ class Ledger:
             self.report(error)
         self._release_waiters()
 
+    def fail(self, batch: Batch, error: DeliveryError) -> None:
+        """``batch`` failed for good: reported, never spooled (again)."""
+        self.settle(batch, Fate.FAILED, error)
+
     def give_up(self, batch: Batch, error: DeliveryError) -> None:
         """Out of time for ``batch``: spool it if there is a spool, else report it."""
-        if self.spool is None:
+        on_disk = batch.spill_row is not None  # spilled: its row stays, nothing to write
+        if self.spool is None or not (self.spool_writable or on_disk):
             self.settle(batch, Fate.FAILED, error)
             return
         self.settle(batch, Fate.SPOOLED, error)
@@ -275,12 +283,13 @@ class Ledger:
             await spool.commit()
         except SpoolWriteError as exc:
             events = [event for batch in exc.batches for event in batch.events]
-            with self._lock:
-                self.spooled -= len(events)
-                self.failed += len(events)
-            error = DeliveryError(f"could not write the spool {spool.path}: {exc}", events)
-            error.__cause__ = exc.__cause__
-            self.report(error)
+            if events:
+                with self._lock:
+                    self.spooled -= len(events)
+                    self.failed += len(events)
+                error = DeliveryError(f"could not write the spool {spool.path}: {exc}", events)
+                error.__cause__ = exc.__cause__
+                self.report(error)
             self.spool_failed("write", exc)
             return
         for n, why in reasons:  # said only once they are on disk
@@ -293,19 +302,36 @@ class Ledger:
             )
             self._spool_logged = True
 
+    def unreadable_spill(self, batch: Batch, exc: BaseException) -> None:
+        """A batch spilled during an outage could not be read back: its row stays in the
+        spool (spooled, re-sent when a tracker next starts), and the failure is logged."""
+        logger.error(
+            "could not read back %d spilled event(s) from the spool (%s: %s); they stay "
+            "there and are re-sent when a tracker next starts",
+            batch.n,
+            type(exc).__name__,
+            exc,
+        )
+        self.settle(batch, Fate.SPOOLED)
+
     def spool_failed(self, doing: str, exc: BaseException) -> None:
         """The spool could not be opened, read or written: the tracker runs on without
-        one (what could not be written is already reported). A file that could not be
-        read is moved aside (``<path>.unusable-<time>``), never deleted, so that whatever
-        it held is kept for a person to look at. Logged once at ERROR, and in `stats`."""
+        writing to it (what could not be written is already reported). A file that could
+        not be read is let go of and moved aside (``<path>.unusable-<time>``), never
+        deleted, so that whatever it held is kept for a person to look at; one that could
+        not be written (a full disk) is still read back. Logged once at ERROR, and in
+        `stats`."""
         spool = self.spool
-        if spool is None:
+        if spool is None or (doing == "write" and not self.spool_writable):
             return
-        self.spool = None
-        aside = spool.set_aside() if doing in ("open", "read") else None
-        where = f"; moved aside to {aside}" if aside else ""
+        self.spool_writable = False
+        where = ""
+        if doing != "write":
+            self.spool = None
+            aside = spool.set_aside()
+            where = f"; moved aside to {aside}" if aside else ""
         self.spool_error = f"could not {doing} the spool {spool.path}: {exc}{where}"
-        logger.error("%s; running on without a spool", self.spool_error)
+        logger.error("%s; running on without writing to a spool", self.spool_error)
 
     def internal_error(self, where: str, exc: Exception) -> None:
         """A bug caught in ``where``: counted, logged once (with its traceback) for each

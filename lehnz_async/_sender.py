@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import random
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -76,6 +77,15 @@ class _Retry:
 _PARK = object()  # an outage: the batch waits in the backlog, neither retried nor given up
 
 
+class _Backoff:
+    """A retryable failure within the budget: retry at ``due`` (loop time)."""
+
+    __slots__ = ("due",)
+
+    def __init__(self, due: float) -> None:
+        self.due = due
+
+
 class Sender:
     """Delivers the backlog's batches for one run of a flusher, on one loop.
 
@@ -114,11 +124,7 @@ class Sender:
         self.freed = asyncio.Event()
         # set while the destination is healthy: parked workers wait on it
         self._resumed = asyncio.Event()
-        # set while an outage lasts: backoffs under way end early on it
-        self._outage_began = asyncio.Event()
-        if destination.outage:
-            self._outage_began.set()
-        else:
+        if not destination.outage:
             self._resumed.set()
         self._probing = False
         self._stopped = False
@@ -180,17 +186,20 @@ class Sender:
     # -- workers --------------------------------------------------------------------------
 
     async def _take(self) -> Batch | None:
-        """The next batch for a worker, parked ones first; None when stopped and drained."""
-        backlog = self.backlog
+        """The next batch for a worker, parked ones first, then backed-off ones whose
+        retry is due; None when stopped and drained."""
+        backlog, loop = self.backlog, asyncio.get_running_loop()
         while True:
             await self._resumed.wait()
-            batch = backlog.take(parked_first=True)
+            batch = backlog.take(parked_first=True, now=loop.time())
             if batch is not None:
                 return batch
-            if self._stopped:
+            due = backlog.next_due
+            if self._stopped and due is None:
                 return None
             self._work.clear()
-            await self._work.wait()
+            with anyio.move_on_after(math.inf if due is None else max(0.0, due - loop.time())):
+                await self._work.wait()
 
     async def worker(self) -> None:
         """Deliver batches, one at a time, until stopped and drained. A bug in this loop
@@ -227,6 +236,13 @@ class Sender:
                     for left in held:
                         self.backlog.park(left)
                     return answered
+                if isinstance(outcome, _Backoff):  # back to the backlog: the worker is free
+                    now = asyncio.get_running_loop().time()
+                    self.backlog.wait(held.pop(), outcome.due)
+                    for left in held:  # halves still to send: due now
+                        self.backlog.wait(left, now)
+                    self._work.set()
+                    return True
                 answered = True
                 held.pop()
                 if isinstance(outcome, tuple):
@@ -239,7 +255,9 @@ class Sender:
             where = "outage prober" if probe else "sender"
             self._ledger.internal_error(where, exc)
             for part in held:
-                if not part.settled:
+                if not part.settled and part.spill_row is not None and not part.events:
+                    self._ledger.unreadable_spill(part, exc)  # its events are on disk only
+                elif not part.settled:
                     error = DeliveryError(
                         f"unexpected error while delivering: {type(exc).__name__}: {exc}",
                         part.events,
@@ -258,8 +276,9 @@ class Sender:
             await anyio.sleep(delay)
 
     async def _attempts(self, part: Batch, probe: bool) -> tuple[Batch, Batch] | object | None:
-        """Send ``part`` until it is settled (None), must be split (its halves), or must
-        wait out an outage (`_PARK`)."""
+        """Send ``part`` until it is settled (None), must be split (its halves), must
+        back off before its next attempt (`_Backoff`), or must wait out an outage
+        (`_PARK`)."""
         policy, dest = self._policy, self.destination
         loop = asyncio.get_running_loop()
         while True:
@@ -292,6 +311,18 @@ class Sender:
             ):
                 self._start_probe()
                 return _PARK
+            # a batch given up once already on 5xx is not spooled again as it is (a
+            # poison event would keep it going round): its halves are tried apart, and
+            # share what is left of its budget, so one attempt each
+            relapse = spent and part.replayed and part.failures_5xx >= POISON_AFTER
+            if relapse and part.n > 1 and not part.maybe_sent:
+                logger.debug("%s for %d replayed events: bisecting", outcome.failure, part.n)
+                self._ledger.unspill(part)
+                halves = part.split()
+                for half in halves:  # what is left of the parent's budget, its streak
+                    half.attempts, half.first_attempt = part.attempts, part.first_attempt
+                    half.failures_5xx = part.failures_5xx
+                return halves
             if poisoned and part.n > 1 and not part.maybe_sent:  # (halves: new keys)
                 # 5xx for this batch alone while others are accepted: a poison event is
                 # in it; its halves are tried apart, each with a retry budget of its own
@@ -303,7 +334,8 @@ class Sender:
                 return halves
             if spent:
                 response = outcome.response
-                self._ledger.give_up(
+                settle = self._ledger.fail if relapse else self._ledger.give_up
+                settle(
                     part,
                     RetriesExhaustedError(
                         f"gave up after {part.attempts} attempt(s) in {elapsed:.1f} s; "
@@ -317,10 +349,9 @@ class Sender:
             if outcome.pause:
                 self._paused_until = max(self._paused_until, loop.time() + delay)
             logger.debug("%s; retry %d in %.3f s", outcome.failure, part.attempts, delay)
-            # the backoff ends early if an outage begins: the batch is parked at once, so
-            # that it goes out first when the endpoint is back, not when its backoff ends
-            with anyio.move_on_after(delay):
-                await self._outage_began.wait()
+            # it backs off in the backlog, not in a worker's hand; if an outage begins
+            # meanwhile it is parked at once, so it goes out first when the endpoint is back
+            return _Backoff(loop.time() + delay)
 
     def _poisoned(self, part: Batch, outcome: _Retry) -> bool:
         """Whether ``part`` keeps getting 5xx while other batches are accepted: its own
@@ -340,7 +371,11 @@ class Sender:
         ledger, dest = self._ledger, self.destination
         loop = asyncio.get_running_loop()
         if part.spill_row is not None and not part.events:
-            await ledger.restore(part)
+            try:
+                await ledger.restore(part)
+            except Exception as exc:  # storage's failure: the events stay on disk
+                ledger.unreadable_spill(part, exc)
+                return None
         if part.first_attempt is None:
             part.first_attempt = loop.time()
         part.attempts += 1
@@ -410,13 +445,11 @@ class Sender:
 
     def _resume(self) -> None:
         """The endpoint answers again: parked workers go on, backoffs run their course."""
-        self._outage_began.clear()
         self._resumed.set()
         self.wake()
 
     def _start_probe(self) -> None:
         self._resumed.clear()
-        self._outage_began.set()
         self.backlog.park_ready()  # no worker sends them before the outage ends
         self.freed.set()
         if not self._probing:
@@ -454,9 +487,13 @@ class Sender:
                         await self._ledger.commit_spool()
                     self._resume()
                     while self._stopped and not dest.outage:  # closing: send what is left
-                        batch = self.backlog.take(parked_first=True)
+                        batch = self.backlog.take(parked_first=True, now=loop.time())
                         if batch is None:
-                            return
+                            due = self.backlog.next_due
+                            if due is None:
+                                return
+                            await anyio.sleep(max(0.0, due - loop.time()))
+                            continue
                         await self._process(batch)
                         await self._ledger.commit_spool()
                     if not dest.outage:

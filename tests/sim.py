@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import sys
@@ -77,6 +78,8 @@ class ModelServer:
         events = _decode.decode(body)
         if any((e.get("context") or {}).get("poison") for e in events):
             return 400, b'{"error": "poison event"}'
+        if any((e.get("context") or {}).get("poison5xx") for e in events):
+            return 500, b'{"error": "a server bug this payload triggers every time"}'
         if key not in self.keys:
             self.keys.add(key)
             self.stored.update(e["context"]["id"] for e in events)
@@ -103,6 +106,8 @@ class SimTransport:
         self.down_kind = "reset"
         self.in_flight = 0
         self.max_in_flight = 0
+        #: event id -> loop time of the first 2xx answer that covered it
+        self.delivered_at: dict[int, float] = {}
 
     async def open(self) -> None:
         pass
@@ -146,6 +151,10 @@ class SimTransport:
             kind = self._draw()
             if kind == "reset":
                 raise TransportFailure("ServerDisconnectedError: reset")
+            if kind == "refused":
+                raise TransportFailure("ClientConnectorError: refused", reached=False)
+            if kind == "bug":  # a bug in the transport: not a TransportFailure
+                raise RuntimeError("a bug in the transport")
             if kind == "timeout":
                 await asyncio.sleep(REQUEST_TIMEOUT)
                 raise TransportFailure(f"no answer within {REQUEST_TIMEOUT} s")
@@ -163,6 +172,8 @@ class SimTransport:
                 ids = [e["context"]["id"] for e in _decode.decode(body)]
                 previous = self.acked.setdefault(idempotency_key, ids)
                 assert previous == ids, f"key {idempotency_key} acked for two bodies"
+                for i in ids:
+                    self.delivered_at.setdefault(i, loop.time())
             return read_answer(status, payload, None)
         finally:
             self.in_flight -= 1
@@ -181,8 +192,42 @@ def _hook(event: Event) -> Event | None:
 
 
 class Errors(list[DeliveryError]):
+    #: raise after recording one report in this many (an on_error that fails)
+    raise_every = 0
+
     def __call__(self, error: DeliveryError) -> None:
         self.append(error)
+        if self.raise_every and len(self) % self.raise_every == 0:
+            raise RuntimeError("an on_error that fails")
+
+
+class FaultySpool(MemorySpool):
+    """A spool on a disk that fails: writes (spills and commits) fail with ENOSPC once
+    ``full_after`` rows were written; reads fail with EIO with probability ``bad_reads``
+    (drawn from ``rng``)."""
+
+    def __init__(self, rng: random.Random, full_after: int | None, bad_reads: float) -> None:
+        super().__init__()
+        self.rng, self.full_after, self.bad_reads = rng, full_after, bad_reads
+        self.written = 0
+
+    def _full(self, n: int) -> None:
+        if self.full_after is not None and self.written + n > self.full_after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += n
+
+    def _write(self, key: str, n: int, body: bytes) -> int:
+        self._full(1)
+        return super()._write(key, n, body)
+
+    def _commit(self, add: list[tuple[str, int, bytes]], remove: list[int]) -> None:
+        self._full(len(add))
+        super()._commit(add, remove)
+
+    def _read(self, row_id: int) -> bytes | None:
+        if self.rng.random() < self.bad_reads:
+            raise OSError(errno.EIO, "Input/output error")
+        return super()._read(row_id)
 
 
 class Sim:
@@ -193,11 +238,20 @@ class Sim:
         self.rng = rng = random.Random(seed)
         self.server = ModelServer(body_limit=rng.choice((400, 2_000, 1_000_000)))
         p = rng.choice((0.0, 0.05, 0.2, 0.5))
-        weights = {k: rng.random() for k in ("reset", "timeout", "429", "5xx", "lost")}
+        kinds = ("reset", "timeout", "429", "5xx", "lost", "refused", "bug")
+        weights = {k: rng.random() for k in kinds}
+        weights["bug"] *= rng.choice((0.0, 0.05))  # a bug in the transport, now and then
         total = sum(weights.values())
         self.transport = SimTransport(self, {k: p * w / total for k, w in weights.items()})
-        self.spool = MemorySpool() if rng.random() < 0.4 else None
+        self.spool: MemorySpool | None = None
+        if rng.random() < 0.4:  # a spool, sometimes on a disk that fills up or fails reads
+            self.spool = FaultySpool(
+                random.Random(seed), rng.choice((None, None, 0, 3, 20)), rng.choice((0, 0, 0.05))
+            )
+        #: events the server answers 500 for, every time (a server bug they trigger)
+        self.p_poison5xx = rng.choice((0.0, 0.0, 0.002, 0.01))
         self.errors = Errors()
+        self.errors.raise_every = rng.choice((0, 0, 0, 7))
         self.options: dict[str, Any] = dict(
             max_batch_size=rng.choice((1, 2, 5, 20, 100)),
             flush_interval=rng.choice((0.05, 0.5, 2.0)),
@@ -212,7 +266,7 @@ class Sim:
                 max_delay=rng.choice((0.05, 1.0, 10.0)),
             ),
             close_timeout=rng.choice((0.5, 3.0, 30.0)),
-            max_buffer_bytes=rng.choice((20_000, 200_000, 128 * 1024 * 1024)),
+            max_buffer_bytes=rng.choice((5_000, 20_000, 200_000, 2_000_000, 128 * 1024 * 1024)),
             max_spool_bytes=rng.choice((5_000, 1_000_000)),
             max_event_age=rng.choice((None, None, 5.0, 60.0)),
             outage_grace=rng.choice((None, 0.5, 2.0)),
@@ -230,6 +284,9 @@ class Sim:
         self.next_id = 0
         self.tracked: list[int] = []
         self.poison: set[int] = set()
+        self.poison5xx: set[int] = set()
+        #: event id -> loop time it was tracked
+        self.tracked_at: dict[int, float] = {}
         self.flushes_checked = 0
         self.teardowns = 0
 
@@ -288,6 +345,7 @@ class Sim:
         )
         assert not both, f"settled two ways: {sorted(both)[:10]}"
         assert set(acked) <= set(self.server.stored), "acknowledged but not stored"
+        assert not set(acked) & self.poison5xx, "a poison event was acknowledged"
         unaccounted = set(self.tracked) - set(acked) - set(reported) - set(spooled)
         assert len(unaccounted) == s.dropped, (len(unaccounted), s)
         assert s.delivered == len(acked), (s, len(acked))
@@ -296,14 +354,26 @@ class Sim:
 
     # -- the schedule ---------------------------------------------------------------------
 
-    def track_some(self, n: int | None = None, plain: bool = False) -> None:
+    def track_some(
+        self, n: int | None = None, plain: bool = False, poison5xx: bool = False
+    ) -> None:
         """Track events with ids from ``next_id`` on; unless ``plain``, a few are poison
-        (the server refuses them), unencodable, or identify events."""
+        (the server refuses them, or fails every request holding them with 500),
+        unencodable, or identify events. ``poison5xx``: plain events, all of them
+        poison for the server's 500."""
         rng = self.rng
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:
+            now = 0.0
         for _ in range(rng.choice((1, 3, 10, 50, 200)) if n is None else n):
             i = self.next_id
             self.next_id += 1
+            self.tracked_at[i] = now
             context: dict[str, Any] = {"id": i}
+            if poison5xx:
+                context["poison5xx"] = True
+                self.poison5xx.add(i)
             if plain:
                 self.tracker.track(f"usr_{i % 7}", "view", item_id=f"p{i}", context=context)
                 self.tracked.append(i)
@@ -311,6 +381,9 @@ class Sim:
             if rng.random() < 0.01:
                 context["poison"] = True
                 self.poison.add(i)
+            elif self.p_poison5xx and rng.random() < self.p_poison5xx:
+                context["poison5xx"] = True
+                self.poison5xx.add(i)
             if rng.random() < 0.005:
                 context["bad"] = object()  # unencodable
             if rng.random() < 0.1:
@@ -370,16 +443,28 @@ class Sim:
             return
         self.transport.faults = {}
         self.transport.down_until = 0.0
+        if isinstance(self.spool, FaultySpool):  # the replay runs on a healthy disk
+            self.spool.full_after, self.spool.bad_reads = None, 0.0
         spooled = self.outcomes()[2]
-        again = Tracker._simulated(self.transport, rng=random.Random(0), spool=self.spool)
-        async with again:
-            pass
+        again = Tracker._simulated(
+            self.transport,
+            rng=random.Random(0),
+            spool=self.spool,
+            outage_grace=None,  # poison batches alone must not read as an outage
+            on_error=Errors(),
+        )
+        async with again:  # however long the replay takes (virtual time), then close
+            for _ in range(36_000):  # flush() covers what was tracked, not the replay
+                s = again.stats
+                if s.tracked and not (s.in_flight or s.queued):
+                    break
+                await asyncio.sleep(0.1)
         assert not self.spool.rows, "the replay left rows behind"
         s = again.stats
         assert s.delivered + s.failed == s.tracked == sum(spooled.values()), s  # failed: poison
         twice = {i: n for i, n in self.server.stored.items() if n > 1}
         assert not twice, f"a replayed batch was stored twice: {sorted(twice)[:10]}"
-        assert set(spooled) - self.poison <= set(self.server.stored)
+        assert set(spooled) - self.poison - self.poison5xx <= set(self.server.stored)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -416,6 +501,16 @@ def run_seed(seed: int) -> Sim:
         if not loop.is_closed():
             _tear_down(loop)
     return sim
+
+
+def first_failing_seed(seeds: range) -> tuple[int, BaseException] | None:
+    """The first of ``seeds`` that fails its checks (for the mutation tests), or None."""
+    for seed in seeds:
+        try:
+            run_seed(seed)
+        except (AssertionError, TimeoutError) as exc:
+            return seed, exc
+    return None
 
 
 if __name__ == "__main__":

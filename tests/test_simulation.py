@@ -24,6 +24,7 @@ from lehnz_async._sender import Sender
 looptime = pytest.importorskip("looptime", reason="virtual time needs looptime 0.9 (Python 3.11+)")
 
 from . import sim  # noqa: E402
+from .sim import first_failing_seed  # noqa: E402
 
 SEEDS = 2000
 
@@ -33,15 +34,6 @@ def _quiet() -> Any:
     logging.disable(logging.CRITICAL)  # thousands of seeds' worth of warnings
     yield
     logging.disable(logging.NOTSET)
-
-
-def first_failing_seed(seeds: range) -> tuple[int, BaseException] | None:
-    for seed in seeds:
-        try:
-            sim.run_seed(seed)
-        except (AssertionError, TimeoutError) as exc:
-            return seed, exc
-    return None
 
 
 CHUNKS = 4  # so that pytest-xdist spreads the seeds over the cores
