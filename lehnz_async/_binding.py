@@ -43,6 +43,11 @@ logger = logging.getLogger("lehnz_async")
 _T = TypeVar("_T")
 
 
+#: Seconds beyond ``exit_timeout`` that the exit hook waits for the tracker's loop to
+#: answer before it reports what is left as ShutdownError (a loop that never runs).
+EXIT_MARGIN = 2.0
+
+
 class State(enum.Enum):
     NEW = "new"  # not started: track() queues, nothing is sent yet
     STARTING = "starting"  # its own loop thread is starting the flusher
@@ -325,12 +330,13 @@ class LoopBinding:
         close.result()
         await anyio.lowlevel.checkpoint_if_cancelled()
 
-    def close_blocking(self, timeout: float) -> None:
-        """The blocking form of `aclose`, from a thread that does not run the loop."""
+    def close_blocking(self, timeout: float, bound: float | None = None) -> None:
+        """The blocking form of `aclose`, from a thread that does not run the loop;
+        ``bound``: at most that many seconds of waiting for the loop (TimeoutError)."""
         if self._nothing_to_close():
             return
         self._mark_deadline(timeout)
-        self.block_on_loop(lambda: self._close(timeout), None)
+        self.block_on_loop(lambda: self._close(timeout), bound)
         self._stop_own_loop()
 
     def _mark_deadline(self, timeout: float) -> None:
@@ -407,7 +413,12 @@ class LoopBinding:
             self._exit_timeout,
         )
         try:
-            self.close_blocking(self._exit_timeout)
+            self.close_blocking(self._exit_timeout, bound=self._exit_timeout + EXIT_MARGIN)
+        except TimeoutError:  # the loop never answered (a deadlocked fork child, say)
+            self._fail_at_exit(
+                f"the tracker's event loop did not answer within "
+                f"{self._exit_timeout + EXIT_MARGIN:.1f} s"
+            )
         except RuntimeError as exc:  # no thread can start at shutdown (Python 3.12+)
             self._fail_at_exit(str(exc))
 
@@ -419,7 +430,8 @@ class LoopBinding:
         )
         for batch in self._ledger.backlog.sweep():
             self._ledger.give_up(batch, ShutdownError(message, batch.events))
-        leftovers = list(self._buffer.staged) + list(self._buffer.events)
+        hooked = self.flusher.abandon_hooked() if self.flusher is not None else []
+        leftovers = hooked + list(self._buffer.staged) + list(self._buffer.events)
         self._buffer.staged.clear()
         self._buffer.events.clear()
         if leftovers:

@@ -281,3 +281,41 @@ def test_a_context_that_raises_while_read_is_refused_at_the_call_site() -> None:
     with pytest.raises(InvalidEventError, match=r"context.*RuntimeError: boom"):
         tracker.track("usr_1", "view", context=BrokenMapping())
     assert tracker.stats.tracked == 0
+
+
+EXIT_STUCK = """
+import sys, threading, time
+from lehnz_async import Tracker
+started = threading.Event()
+
+def hook(event):
+    started.set()
+    time.sleep(60)  # a before_send that never comes back in time
+    return event
+
+t = Tracker("lehnz_pk_test", endpoint=sys.argv[1], before_send=hook, exit_timeout=1.0,
+            on_error=lambda e: print("REPORTED", len(e.events), type(e).__name__, flush=True))
+for i in range(10):
+    t.track(f"u{i}", "view")
+started.wait(10)
+for i in range(5):
+    t.track(f"v{i}", "view")
+"""
+
+
+async def test_the_exit_hook_is_bounded_when_the_loop_never_answers(
+    server: ReferenceServer,
+) -> None:
+    """A loop stuck in a hook at exit (or a fork child whose loop thread deadlocked): the
+    exit hook waits exit_timeout + 2 s, then reports every event, those the hook held
+    included, and the process ends."""
+    import time
+
+    from .conftest import run_python
+
+    started = time.monotonic()
+    code, out = await run_python(EXIT_STUCK, server.url)
+    took = time.monotonic() - started
+    assert code == 0, out
+    assert "REPORTED 15 ShutdownError" in out, out
+    assert took < 1.0 + 2.0 + 5.0, took
