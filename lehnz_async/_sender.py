@@ -220,8 +220,8 @@ class Sender:
 
     async def _process(self, batch: Batch, probe: bool = False) -> bool:
         """The one path of a batch taken from the backlog: attempt it (and its halves, if
-        it is split) until each part is settled or parked. With ``probe``, one attempt
-        only: a retryable failure parks it again. Whatever is raised but cancellation,
+        it is split) until each part is settled, parked, or backing off in the backlog.
+        With ``probe``, a retryable failure parks it again. Whatever is raised but cancellation,
         the parts in hand are settled as failed, with the exception as the cause.
 
         Returns whether the destination answered (for the prober).
@@ -276,82 +276,75 @@ class Sender:
             await anyio.sleep(delay)
 
     async def _attempts(self, part: Batch, probe: bool) -> tuple[Batch, Batch] | object | None:
-        """Send ``part`` until it is settled (None), must be split (its halves), must
-        back off before its next attempt (`_Backoff`), or must wait out an outage
-        (`_PARK`)."""
+        """Attempt ``part`` once: it is settled (None), must be split (its halves), must
+        back off before its next attempt (`_Backoff`, in the backlog, not in a worker's
+        hand), or must wait out an outage (`_PARK`)."""
         policy, dest = self._policy, self.destination
         loop = asyncio.get_running_loop()
-        while True:
-            if dest.outage and not probe:
-                return _PARK
-            await self._wait_pause(loop)
-            if dest.outage and not probe:
-                return _PARK
-            outcome = await self._attempt(part)
-            if not isinstance(outcome, _Retry):
-                return outcome
-            if probe:
-                logger.debug("outage probe: %s", outcome.failure)
-                self._probe_wait = outcome.delay or 0.0  # Retry-After rules
-                return _PARK
-            if outcome.delay is not None:
-                delay = outcome.delay
-            else:
-                delay = policy.delay(part.attempts, self._rng.random)
-            assert part.first_attempt is not None
-            elapsed = loop.time() - part.first_attempt
-            spent = part.attempts >= policy.max_attempts or elapsed + delay > policy.max_time
-            poisoned = self._poisoned(part, outcome)
-            if not poisoned and dest.failed(
-                loop.time(),
-                outcome.failure,
-                part.root,
-                unreachable=outcome.unreachable,
-                budget_spent=spent,
-            ):
-                self._start_probe()
-                return _PARK
-            # a batch given up once already on 5xx is not spooled again as it is (a
-            # poison event would keep it going round): its halves are tried apart, and
-            # share what is left of its budget, so one attempt each
-            relapse = spent and part.replayed and part.failures_5xx >= POISON_AFTER
-            if relapse and part.n > 1 and not part.maybe_sent:
-                logger.debug("%s for %d replayed events: bisecting", outcome.failure, part.n)
-                self._ledger.unspill(part)
-                halves = part.split()
-                for half in halves:  # what is left of the parent's budget, its streak
+        if dest.outage and not probe:
+            return _PARK
+        await self._wait_pause(loop)
+        if dest.outage and not probe:
+            return _PARK
+        outcome = await self._attempt(part)
+        if not isinstance(outcome, _Retry):
+            return outcome
+        if probe:
+            logger.debug("outage probe: %s", outcome.failure)
+            self._probe_wait = outcome.delay or 0.0  # Retry-After rules
+            return _PARK
+        if outcome.delay is not None:
+            delay = outcome.delay
+        else:
+            delay = policy.delay(part.attempts, self._rng.random)
+        assert part.first_attempt is not None
+        elapsed = loop.time() - part.first_attempt
+        spent = part.attempts >= policy.max_attempts or elapsed + delay > policy.max_time
+        poisoned = self._poisoned(part, outcome)
+        if not poisoned and dest.failed(
+            loop.time(),
+            outcome.failure,
+            part.root,
+            unreachable=outcome.unreachable,
+            budget_spent=spent,
+        ):
+            self._start_probe()
+            return _PARK
+        # a batch given up once already on 5xx (read back from the spool) is not spooled
+        # again as it is: a poison event would keep it going round
+        relapse = spent and part.replayed and part.failures_5xx >= POISON_AFTER
+        if (poisoned or relapse) and part.n > 1 and not part.maybe_sent:  # halves: new keys
+            # 5xx for this batch alone: a poison event is in it; its halves are tried
+            # apart. While others are accepted each half gets a retry budget of its own;
+            # a relapse's halves share what is left of it (one attempt each).
+            logger.debug("%s for %d events, a poison event: bisecting", outcome.failure, part.n)
+            self._ledger.unspill(part)
+            halves = part.split()
+            for half in halves:
+                if not poisoned:
                     half.attempts, half.first_attempt = part.attempts, part.first_attempt
                     half.failures_5xx = part.failures_5xx
-                return halves
-            if poisoned and part.n > 1 and not part.maybe_sent:  # (halves: new keys)
-                # 5xx for this batch alone while others are accepted: a poison event is
-                # in it; its halves are tried apart, each with a retry budget of its own
-                logger.debug("%s for %d events while others go: bisecting", outcome.failure, part.n)
-                self._ledger.unspill(part)
-                halves = part.split()
-                for half in halves:
-                    half.attempts, half.first_attempt = 0, None
-                return halves
-            if spent:
-                response = outcome.response
-                settle = self._ledger.fail if relapse else self._ledger.give_up
-                settle(
-                    part,
-                    RetriesExhaustedError(
-                        f"gave up after {part.attempts} attempt(s) in {elapsed:.1f} s; "
-                        f"last: {outcome.failure}",
-                        part.events,
-                        status=None if response is None else response.status,
-                        server_message=None if response is None else response.message,
-                    ),
-                )
-                return None
-            if outcome.pause:
-                self._paused_until = max(self._paused_until, loop.time() + delay)
-            logger.debug("%s; retry %d in %.3f s", outcome.failure, part.attempts, delay)
-            # it backs off in the backlog, not in a worker's hand; if an outage begins
-            # meanwhile it is parked at once, so it goes out first when the endpoint is back
-            return _Backoff(loop.time() + delay)
+            return halves
+        if spent:
+            response = outcome.response
+            settle = self._ledger.fail if relapse else self._ledger.give_up
+            settle(
+                part,
+                RetriesExhaustedError(
+                    f"gave up after {part.attempts} attempt(s) in {elapsed:.1f} s; "
+                    f"last: {outcome.failure}",
+                    part.events,
+                    status=None if response is None else response.status,
+                    server_message=None if response is None else response.message,
+                ),
+            )
+            return None
+        if outcome.pause:
+            self._paused_until = max(self._paused_until, loop.time() + delay)
+        logger.debug("%s; retry %d in %.3f s", outcome.failure, part.attempts, delay)
+        # if an outage begins meanwhile it is parked at once (`Backlog.park_ready`), so
+        # that it goes out first when the endpoint is back
+        return _Backoff(loop.time() + delay)
 
     def _poisoned(self, part: Batch, outcome: _Retry) -> bool:
         """Whether ``part`` keeps getting 5xx while other batches are accepted: its own
