@@ -404,7 +404,14 @@ class _Checkpoint:
         except FileNotFoundError:
             _err(f"no checkpoint at {self.path}: starting from line 1")
             return None
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        except (
+            OSError,
+            msgspec.DecodeError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AssertionError,
+        ) as exc:
             return f"unreadable checkpoint {self.path}: {exc or 'unexpected contents'}"
         if source != self.source:
             return f"checkpoint {self.path} is for {source}, not {self.source}"

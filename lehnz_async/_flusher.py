@@ -102,6 +102,9 @@ class Flusher:
         self.orphaned = False
         self._drain_requested = False
         self._deadline: anyio.CancelScope | None = None
+        # cancelled when the close deadline passes (made in run(): anyio before 4.1
+        # cannot make one outside a task)
+        self._stop: anyio.CancelScope | None = None
         # set once the close deadline passed: before_send is not called any more
         self._past_deadline = False
         #: time.monotonic() of the close deadline, set when close is called (read
@@ -117,13 +120,20 @@ class Flusher:
     async def run(self) -> None:
         """The background task: send until closed (or cancelled by the loop's teardown)."""
         try:
-            await self._transport.open()
-            rows = await self._load_spool()
-            async with anyio.create_task_group() as tg:
-                self.sender.bind(tg.start_soon)
-                await self._replay(rows)
-                await self._supervise()
-                self.sender.stop()
+            # close() stops the run through this scope, not Task.cancel(): a scope's
+            # cancellation is level-triggered, delivered again at every await inside it,
+            # where a task's is delivered once, and an anyio scope whose own deadline
+            # passes at the same moment may swallow it (anyio before 4.16 did, and a
+            # close that passed its deadline then waited for ever)
+            self._stop = stop = anyio.CancelScope()
+            with stop:
+                await self._transport.open()
+                rows = await self._load_spool()
+                async with anyio.create_task_group() as tg:
+                    self.sender.bind(tg.start_soon)
+                    await self._replay(rows)
+                    await self._supervise()
+                    self.sender.stop()
         except Exception as exc:  # a bug outside the supervised loop: settle, never strand
             self._ledger.internal_error("flusher's run", exc)
             self.closing = True
@@ -199,7 +209,10 @@ class Flusher:
                 deadline,
                 self._ledger.in_flight + self._buffer.queued,
             )
-            task.cancel()
+            if self._stop is not None:
+                self._stop.cancel()
+            else:  # run() has not begun
+                task.cancel()
             await self.done.wait()
 
     def hurry(self) -> None:

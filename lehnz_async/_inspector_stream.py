@@ -30,10 +30,11 @@ HEARTBEAT = 15.0
 class _Client:
     """One browser's stream: the messages waiting for it, bounded in bytes."""
 
-    __slots__ = ("closed", "frames", "overflowed", "size", "transport", "wake")
+    __slots__ = ("closed", "frames", "overflowed", "remote", "size", "transport", "wake")
 
-    def __init__(self, transport: asyncio.Transport | None) -> None:
+    def __init__(self, transport: asyncio.Transport | None, remote: str | None) -> None:
         self.transport = transport
+        self.remote = remote
         self.frames: list[bytes] = []
         self.size = 0
         self.closed = False
@@ -45,6 +46,12 @@ class _Client:
             return
         if self.size + len(frame) > MAX_CLIENT_BYTES:  # cut it off: a write may be stuck
             self.overflowed = True
+            # logged here, when it stops counting, not when its handler next runs
+            logger.warning(
+                "inspector: the stream to %s fell %d bytes behind and was closed (it reconnects)",
+                self.remote,
+                MAX_CLIENT_BYTES,
+            )
             self.close()
             if self.transport is not None:
                 self.transport.abort()
@@ -86,7 +93,7 @@ class Streams:
             return web.json_response(
                 {"error": f"at most {MAX_CLIENTS} inspector streams at once"}, status=503
             )
-        client = _Client(request.transport)
+        client = _Client(request.transport, request.remote)
         self._clients.add(client)
         response = web.StreamResponse(
             headers={
@@ -117,13 +124,7 @@ class Streams:
             self._clients.discard(client)
             client.close()
             self._changed()
-        if client.overflowed:
-            logger.warning(
-                "inspector: the stream to %s fell %d bytes behind and was closed (it reconnects)",
-                request.remote,
-                MAX_CLIENT_BYTES,
-            )
-        else:
+        if not client.overflowed:
             logger.debug("inspector: stream closed for %s", request.remote)
         return response
 

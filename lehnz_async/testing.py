@@ -267,6 +267,9 @@ class RequestRecord:
 
 
 _JSON = msgspec.json.Decoder()
+# what a body that is not JSON raises: msgspec.DecodeError (a ValueError only from msgspec
+# 0.23 on), ValueError on invalid UTF-8, RecursionError on deep nesting
+_UNDECODABLE = (msgspec.DecodeError, ValueError, RecursionError)
 
 
 class ReferenceServer:
@@ -871,12 +874,15 @@ class ReferenceServer:
         body = await self._read_body(request)
         if isinstance(body, web.Response):
             return body
-        refused = self._front(request) or self._check_key(request)
+        refused = self._front(request)
+        # not `or`: a Response is a mapping, and false when empty on older aiohttp
+        if refused is None:
+            refused = self._check_key(request)
         if refused is not None:
             return refused
         try:
             data = _JSON.decode(body)
-        except (ValueError, RecursionError):  # msgspec.DecodeError, invalid UTF-8, depth
+        except _UNDECODABLE:
             return _error(400, "Malformed JSON")
         if not isinstance(data, dict) or not isinstance(data.get("user_id"), str):
             return _error(400, "Missing mandatory fields")
@@ -957,7 +963,7 @@ def _describe(
     inflated = _inflate(request, record.body, limit)
     try:
         data = _JSON.decode(inflated) if isinstance(inflated, bytes) else None
-    except (ValueError, RecursionError):
+    except _UNDECODABLE:
         data = None
     if data is None:
         return
@@ -978,7 +984,7 @@ def _answer_message(content_type: str, body: bytes) -> tuple[str | None, bool]:
     if content_type == "application/json":
         try:
             data = _JSON.decode(body)
-        except (ValueError, RecursionError):
+        except _UNDECODABLE:
             return None, False
         if isinstance(data, dict):
             error = data.get("error")
@@ -997,7 +1003,7 @@ def _decode_events(body: bytes) -> list[dict[str, Any]] | str:
     """The events of a body, or the message of the 400 it gets."""
     try:
         data = _JSON.decode(body)
-    except (ValueError, RecursionError):  # msgspec.DecodeError, invalid UTF-8, depth
+    except _UNDECODABLE:
         return "Malformed JSON"
     events = data if isinstance(data, list) else [data]
     for event in events:
