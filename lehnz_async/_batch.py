@@ -21,7 +21,7 @@ from collections.abc import Callable
 from itertools import repeat, starmap
 from typing import NamedTuple
 
-from ._event import Event, encoder
+from ._event import Event, context_fault, encoder
 
 #: Bytes an event is reckoned to take in memory beyond its JSON: measured with
 #: ``/proc/self/status`` over 200,000 events (410 B in memory for 129 B of JSON) and
@@ -152,26 +152,40 @@ class Cut(NamedTuple):
 
 
 def encode_each(events: list[Event]) -> tuple[list[Event], list[tuple[Event, str]]]:
-    """Split events into those that encode and those that do not (with the reason)."""
+    """Split events into those that encode and those that do not (with the reason, which
+    names the part of the context at fault)."""
     good: list[Event] = []
     bad: list[tuple[Event, str]] = []
     for event in events:
-        try:
-            encoder.encode(event)
-        except Exception as exc:  # msgspec raises TypeError, ValueError, OverflowError...
-            bad.append((event, f"{type(exc).__name__}: {exc}"))
-        else:
+        fault = context_fault(event.context)
+        if fault is None:
+            try:
+                encoder.encode(event)
+            except Exception as exc:  # msgspec raises TypeError, ValueError, OverflowError...
+                fault = f"{type(exc).__name__}: {exc}"
+        if fault is None:
             good.append(event)
+        else:
+            bad.append((event, fault))
     return good, bad
 
 
 def encode(events: list[Event]) -> tuple[list[Event], bytes, list[tuple[Event, str]]]:
-    """Encode events as one JSON array, leaving out (and returning) unencodable ones."""
+    """Encode events as one JSON array, leaving out (and returning) those JSON cannot
+    carry as given: a value msgspec refuses, a key that is not a str, a NaN or infinity
+    (which msgspec would write as ``null``: a body with no ``null`` has none, so the
+    contexts are only walked when one appears)."""
     try:
-        return events, encoder.encode(events), []
+        body = encoder.encode(events)
     except Exception:
-        good, bad = encode_each(events)
-        return good, encoder.encode(good), bad
+        pass
+    else:
+        if b"null" not in body or not any(
+            event.context is not None and context_fault(event.context) for event in events
+        ):
+            return events, body, []
+    good, bad = encode_each(events)
+    return good, encoder.encode(good), bad
 
 
 def cut(

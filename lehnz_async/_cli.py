@@ -21,7 +21,7 @@ from typing import IO, Any, NoReturn
 import msgspec
 
 from .__about__ import __version__
-from ._config import DEFAULT_INGEST_URL, DEFAULT_MAX_QUEUE_SIZE, ENDPOINT_ENV
+from ._config import DEFAULT_INGEST_URL, DEFAULT_MAX_QUEUE_SIZE, ENDPOINT_ENV, resolve_api_key
 from ._event import Event
 from ._exceptions import (
     ConfigurationError,
@@ -844,7 +844,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 _serve(args.host, args.port, args.keep, args.client_timeout, args.allow_host)
             )
         options = {
-            "api_key": args.api_key,
+            "api_key": resolve_api_key(args.api_key, "--api-key"),
             "endpoint": args.endpoint,
             "close_timeout": args.close_timeout,
         }

@@ -67,20 +67,24 @@ _KEY_CHARS = re.compile(r"[A-Za-z0-9_\-]+")
 OnError = Callable[["DeliveryError"], object]
 
 
-def resolve_api_key(api_key: str | None) -> str:
-    """Return a usable publishable key or raise `ConfigurationError` saying why not."""
+def resolve_api_key(api_key: str | None, option: str = "api_key") -> str:
+    """Return a usable publishable key or raise `ConfigurationError` saying why not;
+    ``option`` is how the caller passes it (``--api-key`` on the command line)."""
+    source = option  # where the key came from, named in every message about it
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV)
+        source = f"the {API_KEY_ENV} environment variable"
         if not api_key:
+            how = f"{option}='lehnz_pk_...'" if option.isidentifier() else f"{option} lehnz_pk_..."
             raise ConfigurationError(
-                f"no API key: pass api_key='lehnz_pk_...' or set {API_KEY_ENV} "
-                "to your publishable key"
+                f"no API key: pass {how} or set {API_KEY_ENV} to your publishable key"
             )
     if not isinstance(api_key, str):
-        raise ConfigurationError(f"api_key must be a str, not {type(api_key).__name__}")
+        raise ConfigurationError(f"{option} must be a str, not {type(api_key).__name__}")
     if api_key.startswith(SECRET_PREFIX):
         raise ConfigurationError(
-            "secret keys (lehnz_sk_...) are refused: the ingestion endpoint answers "
+            f"{source} holds a secret key (lehnz_sk_...), which is refused: the "
+            "ingestion endpoint answers "
             "403 'Secret keys prohibited on public endpoints'; use your publishable "
             "key (lehnz_pk_...) instead"
         )
@@ -90,7 +94,7 @@ def resolve_api_key(api_key: str | None) -> str:
         or not _KEY_CHARS.fullmatch(api_key)
     ):
         raise ConfigurationError(
-            "api_key is not a well-formed publishable key: it must start with "
+            f"{source} is not a well-formed publishable key: it must start with "
             "'lehnz_pk_' and contain only letters, digits, '_' and '-' "
             "(check for stray whitespace or quotes)"
         )

@@ -8,6 +8,7 @@ arguments or raises `InvalidEventError` naming the field.
 
 from __future__ import annotations
 
+import decimal
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,8 +54,11 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
     previous_user_id: str | None = None
 
 
-#: The one encoder; reused for every batch (msgspec's advice).
-encoder = msgspec.json.Encoder()
+#: The one encoder; reused for every batch (msgspec's advice). ``order``: keys sorted,
+#: which makes msgspec refuse a dict key that is not a str (an int key would otherwise
+#: become a string silently, and ``{1: "a", "1": "b"}`` a duplicate JSON key);
+#: ``decimal_format``: a Decimal is a JSON number of exactly its digits, as a price is.
+encoder = msgspec.json.Encoder(order="deterministic", decimal_format="number")
 _events_decoder = msgspec.json.Decoder(list[Event])
 
 
@@ -143,6 +147,47 @@ def build_event(
         ctx,
         _optional_str("previous_user_id", previous_user_id),
     )
+
+
+_PLAIN = (str, int, bool, type(None))
+
+
+def context_fault(context: dict[str, Any] | None) -> str | None:
+    """What in ``context`` JSON cannot carry as given, named by its path
+    (``context['price']: nan is not a finite number``), or None if all of it can."""
+    if context is None:
+        return None
+    return _fault(context, "context")
+
+
+def _fault(value: object, path: str) -> str | None:
+    kind = type(value)
+    if kind in _PLAIN:
+        return None
+    if kind is float:
+        ok = value - value == 0  # type: ignore[operator]  # false for nan and +-inf
+        return None if ok else f"{path}: {value!r} is not a finite number (JSON has none)"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path}: the key {key!r} is not a str ({type(key).__name__})"
+            fault = _fault(item, f"{path}[{key!r}]")
+            if fault is not None:
+                return fault
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for i, item in enumerate(value):
+            fault = _fault(item, f"{path}[{i}]")
+            if fault is not None:
+                return fault
+        return None
+    try:
+        encoder.encode(value)
+        # a dataclass, attrs class or Struct: its fields, as the encoder sees them
+        fields = msgspec.to_builtins(value, builtin_types=(decimal.Decimal,))
+    except Exception as exc:
+        return f"{path}: {kind.__name__} values cannot be encoded as JSON ({exc})"
+    return _fault(fields, path) if isinstance(fields, dict) else None
 
 
 def decode_events(body: bytes) -> list[Event]:

@@ -362,7 +362,7 @@ class Flusher:
         ):
             for event, reason in cut.unencodable:
                 ledger.fail_taken(
-                    [event], EncodeError(f"the event could not be encoded: {reason}", [event])
+                    [event], EncodeError(f"the event cannot be sent as JSON: {reason}", [event])
                 )
             if cut.events:
                 batch = Batch(cut.events, cut.body, new_key(), -1)

@@ -12,6 +12,9 @@ is opened.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import os
 import random
 import ssl as ssl_module
@@ -51,7 +54,13 @@ from ._config import (
     resolve_endpoint,
 )
 from ._event import FAST_FAMILIES, STANDARD_FAMILIES, Event, build_event
-from ._exceptions import InvalidEventError, LehnzError, ShutdownError, TrackerClosedError
+from ._exceptions import (
+    ConfigurationError,
+    InvalidEventError,
+    LehnzError,
+    ShutdownError,
+    TrackerClosedError,
+)
 from ._flusher import Flusher
 from ._health import Destination
 from ._ledger import Ledger
@@ -145,8 +154,20 @@ class Tracker:
             used are forgotten first).
 
     Raises:
-        ConfigurationError: a missing, secret or malformed key, or an unusable option.
+        ConfigurationError: a missing, secret or malformed key, an unusable option, or
+            one that does not exist (with the closest that does).
     """
+
+    def __new__(cls, *args: Any, **options: Any) -> Tracker:
+        # Python's own TypeError for a misspelt option names no alternative: say which
+        # option was meant, as a ConfigurationError, before __init__ would be called
+        unknown = options.keys() - _options()
+        if unknown:
+            name = sorted(unknown)[0]
+            close = difflib.get_close_matches(name, _options(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (see the README's options table)"
+            raise ConfigurationError(f"Tracker() has no option {name!r}{hint}")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -643,3 +664,18 @@ class Tracker:
         return (
             f"<Tracker {self._binding.state.value} endpoint={self._config.endpoint!r} {self.stats}>"
         )
+
+
+@functools.cache
+def _options() -> frozenset[str]:
+    """The keyword arguments `Tracker` takes."""
+    return frozenset(inspect.signature(Tracker.__init__).parameters) - {"self"}
+
+
+# help(Tracker), IDEs and the API reference show __init__'s options, not __new__'s catch-all
+_init = inspect.signature(Tracker.__init__)
+setattr(  # noqa: B010  (a class attribute mypy does not know)
+    Tracker,
+    "__signature__",
+    _init.replace(parameters=[p for p in _init.parameters.values() if p.name != "self"]),
+)

@@ -27,8 +27,38 @@ def test_key_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_secret_key_from_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEHNZ_API_KEY", "lehnz_sk_oops")
-    with pytest.raises(ConfigurationError, match="secret"):
+    with pytest.raises(
+        ConfigurationError, match="LEHNZ_API_KEY environment variable holds a secret"
+    ):
         Tracker()
+
+
+def test_a_malformed_key_is_blamed_on_where_it_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEHNZ_API_KEY", "lehnz_pk_abc ")  # a stray space from a .env file
+    with pytest.raises(ConfigurationError) as raised:
+        Tracker()
+    assert str(raised.value).startswith(
+        "the LEHNZ_API_KEY environment variable is not a well-formed publishable key"
+    )
+    with pytest.raises(ConfigurationError, match=r"^api_key is not a well-formed"):
+        Tracker("lehnz_pk_abc ")
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("flush_intervall", "flush_interval"), ("apikey", "api_key"), ("on_erorr", "on_error")],
+)
+def test_a_misspelt_option_is_a_configuration_error_with_the_closest_option(
+    typo: str, meant: str
+) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Tracker("lehnz_pk_test", **{typo: 1.0})
+    assert str(raised.value) == f"Tracker() has no option {typo!r}; did you mean {meant!r}?"
+
+
+def test_an_option_like_no_other_points_at_the_options_table() -> None:
+    with pytest.raises(ConfigurationError, match=r"no option 'zzz' \(see the README's options"):
+        Tracker("lehnz_pk_test", zzz=1)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("key", ["", "pk_live_1", "lehnz_pk_abc\n", " lehnz_pk_abc", "lehnz_pk_"])

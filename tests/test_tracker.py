@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -354,7 +355,91 @@ async def test_an_unencodable_context_fails_alone(
     assert len(server.events) == 10
     (error,) = errors
     assert isinstance(error, EncodeError) and error.events[0].user_id == "usr_bad"
+    assert "context['when']: object values cannot be encoded as JSON" in str(error)
     assert_ledger(tracker.stats)
+
+
+@dataclasses.dataclass
+class _Price:
+    amount: float
+
+
+@pytest.mark.parametrize(
+    ("context", "named"),
+    [
+        ({"price": float("nan")}, "context['price']: nan is not a finite number"),
+        ({"n": {"deep": [1, float("-inf")]}}, "context['n']['deep'][1]: -inf is not a finite"),
+        ({1: "a", "1": "b"}, "context: the key 1 is not a str (int)"),
+        ({"x": {2: "b"}}, "context['x']: the key 2 is not a str (int)"),
+        ({"z": 1j, "ok": None}, "context['z']: complex values cannot be encoded"),
+        ({"tags": {float("nan")}}, "context['tags'][0]: nan is not a finite"),
+        ({"p": _Price(float("inf"))}, "context['p']['amount']: inf is not a finite"),
+    ],
+)
+async def test_what_json_cannot_carry_is_refused_by_name_and_fails_alone(
+    server: ReferenceServer,
+    make_tracker: MakeTracker,
+    errors: Errors,
+    context: dict[Any, Any],
+    named: str,
+) -> None:
+    """Never sent changed (NaN as null, an int key as a string, a duplicate key): the
+    event goes to on_error naming the part at fault, its batch goes on without it."""
+    async with make_tracker() as tracker:
+        tracker.track("usr_1", "view", item_id="p", context={"none": None, "price": 1.5})
+        tracker.track("usr_bad", "view", context=context)
+        tracker.track("usr_2", "view", item_id="p")
+    assert [e["user_id"] for e in server.events] == ["usr_1", "usr_2"]
+    assert server.events[0]["context"] == {"none": None, "price": 1.5}
+    (error,) = errors
+    assert isinstance(error, EncodeError) and error.events[0].user_id == "usr_bad"
+    assert named in str(error) and str(error).startswith("the event cannot be sent as JSON")
+    assert tracker.stats.failed == 1
+    assert_ledger(tracker.stats)
+
+
+async def test_context_values_reach_the_server_as_the_readme_table_says(
+    server: ReferenceServer, make_tracker: MakeTracker
+) -> None:
+    import datetime
+    import decimal
+    import enum
+    import uuid
+
+    class Color(enum.Enum):
+        RED = "red"
+
+    when = datetime.datetime(2026, 12, 4, 11, 30, tzinfo=datetime.timezone.utc)
+    context = {
+        "price": decimal.Decimal("9.99"),
+        "when": when,
+        "day": when.date(),
+        "id": uuid.UUID(int=1),
+        "color": Color.RED,
+        "pair": (1, "a"),
+        "tags": {"b", "a"},
+        "raw": b"\x00\xff",
+        "big": 2**70,
+        "b": {"z": 1, "a": 2},
+        "p": _Price(2.5),
+    }
+    async with make_tracker() as tracker:
+        tracker.track("usr_1", "view", context=context)
+    (sent,) = server.events
+    assert sent["context"] == {
+        "price": 9.99,
+        "when": "2026-12-04T11:30:00Z",
+        "day": "2026-12-04",
+        "id": "00000000-0000-0000-0000-000000000001",
+        "color": "red",
+        "pair": [1, "a"],
+        "tags": ["a", "b"],
+        "raw": "AP8=",
+        "big": 2**70,
+        "b": {"a": 2, "z": 1},
+        "p": {"amount": 2.5},
+    }
+    assert b'"price":9.99' in server.requests[-1].body  # a number, with exactly its digits
 
 
 async def test_a_full_queue_drops_and_counts(
