@@ -77,6 +77,7 @@ class Batch:
         "failures_5xx",
         "first_attempt",
         "key",
+        "last_failure",
         "maybe_sent",
         "mem",
         "n",
@@ -112,6 +113,8 @@ class Batch:
         self.failures_5xx = 0
         self.others_ok = 0
         self.maybe_sent = False
+        #: how its last attempt failed ("connection refused", "HTTP 503"...), or ""
+        self.last_failure = ""
         self.replayed = spool_id is not None
 
     def __len__(self) -> int:

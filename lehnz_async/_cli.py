@@ -509,6 +509,8 @@ class _Import:
         self.hurried = False
         self.closing: asyncio.Future[None] | None = None
         self.position = 0  # bytes read
+        self.eof = False  # the input was read to its end
+        self.consumed = 0  # lines read from it (some not tracked yet if interrupted)
         self._written = 0.0
 
     # -- delivery results --------------------------------------------------------------
@@ -558,8 +560,10 @@ class _Import:
             while not self.interrupted.is_set():
                 read = await asyncio.to_thread(source.readlines, 1 << 20)
                 if not read:
+                    self.eof = True
                     break
                 self.position += sum(map(len, read))
+                self.consumed += len(read)
                 if self.lines == 0 and read[0].startswith(_BOM):
                     read[0] = read[0][3:]
                 for start in range(0, len(read), CHUNK_LINES):
@@ -680,7 +684,7 @@ async def _send(
     print(f"read {job.lines} lines{skipped}: {s.tracked} events, {job.bad} bad, {job.blank} blank")
     print(f"delivered {s.delivered} of {s.tracked} (failed {s.failed}, dropped {s.dropped})")
     where = f"; checkpoint {checkpoint.path}" if checkpoint.path else ""
-    print(f"done up to line {line} of {job.lines}{where}")
+    print(f"done up to line {line} of {_line_count(source, job.consumed, job.eof, size)}{where}")
     again = "--resume" if checkpoint.path else "--checkpoint PATH (none was written)"
     if resend:
         undelivered = sum(b - a + 1 for a, b in resend)
@@ -693,6 +697,41 @@ async def _send(
         return 130
     complete = job.bad == 0 and s.delivered == s.tracked and not resend
     return 0 if complete else 1
+
+
+def _stale_checkpoint(checkpoint: _Checkpoint, args: argparse.Namespace) -> bool:
+    """Whether a checkpoint of an earlier run is there, with neither --resume nor
+    --restart to say what to do with it (said on stderr)."""
+    if args.resume or args.restart or checkpoint.path is None:
+        return False
+    if not os.path.exists(checkpoint.path):
+        return False
+    _err(
+        f"lehnz-async: error: a checkpoint of an earlier run exists ({checkpoint.path}): "
+        "--resume sends only what it did not deliver; --restart sends every line again "
+        "(the server would store the events it delivered twice)"
+    )
+    return True
+
+
+def _line_count(source: IO[bytes], read: int, eof: bool, size: int) -> str:
+    """How many lines ``source`` has, ``read`` of them read, to its end (``eof``) or
+    not: the rest of a file is counted (reading stopped early on Ctrl-C); what a pipe
+    would still have sent is not known."""
+    if eof:
+        return str(read)
+    if not size:
+        return f"at least {read} (the input was not read to its end)"
+    count, last = 0, b""
+    try:
+        while chunk := source.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk
+    except (OSError, ValueError):
+        return f"at least {read}"
+    if last and not last.endswith(b"\n"):
+        count += 1  # a last line without a newline
+    return str(read + count)
 
 
 def _raise_fd_limit(want: int = 4096) -> None:
@@ -752,52 +791,113 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_DESCRIPTION = """\
+Tools around the Lehnz ingestion API: try the tracker against an in-process server
+(demo), send the events of a JSONL file to an endpoint (send), or run the reference
+ingestion server with its event inspector for local development (serve)."""
+
+_SEND_EPILOG = f"""\
+Each line of FILE is one event object, as track() takes it (user_id, event_name, ...).
+Lines that are not valid events are reported by number and skipped. The checkpoint
+records what was delivered, so that --resume after an interruption or a failure sends
+only the rest. Exit status: 0 all delivered, 1 some not delivered (the reason is
+printed), 2 unusable options or file, 130 interrupted.
+Environment: {ENDPOINT_ENV} (the endpoint), LEHNZ_API_KEY (the key)."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lehnz-async", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lehnz-async", description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"lehnz-async {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="track events against an in-process server")
-    demo.add_argument("--events", type=_positive_int, default=100_000, metavar="N")
-    demo.add_argument("--seed", type=int, default=7, help="of the generated events")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="track generated events against an in-process server, with an outage halfway",
+        description="Track realistic generated events through a Tracker against the\n"
+        "reference server in this process; take the server down halfway through, and\n"
+        "print what was delivered, failed and lost, and what one track() call costs.",
+        formatter_class=_Help,
+    )
+    demo.add_argument(
+        "--events", type=_positive_int, default=100_000, metavar="N", help="events to track"
+    )
+    demo.add_argument("--seed", type=int, default=7, help="seed of the generated events")
     demo.add_argument(
         "--outage",
         type=float,
         default=OUTAGE_SECONDS,
         metavar="SECONDS",
-        help="the embedded server refuses connections this long halfway through (0: never)",
+        help="the server refuses connections this long halfway through (0: never)",
     )
-    send = commands.add_parser("send", help="send the events of a JSONL file ('-': stdin)")
-    send.add_argument("file", metavar="FILE.jsonl")
-    send.add_argument("--endpoint", default=os.environ.get(ENDPOINT_ENV) or DEFAULT_INGEST_URL)
-    send.add_argument("--api-key", default=None, help="default: $LEHNZ_API_KEY")
-    send.add_argument("--close-timeout", type=float, default=30.0, metavar="SECONDS")
+    send = commands.add_parser(
+        "send",
+        help="send the events of a JSONL file ('-': stdin) to an ingestion endpoint",
+        description="Send the events of a JSONL file to a Lehnz ingestion endpoint, in\n"
+        "batches, with the tracker's retries and outage handling.",
+        epilog=_SEND_EPILOG,
+        formatter_class=_Help,
+    )
+    send.add_argument("file", metavar="FILE", help="a JSONL file of events; '-' reads stdin")
+    send.add_argument(
+        "--endpoint",
+        default=os.environ.get(ENDPOINT_ENV) or DEFAULT_INGEST_URL,
+        metavar="URL",
+        help=f"the ingestion URL (default: ${ENDPOINT_ENV} if set, else %(default)s)",
+    )
+    send.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="your publishable key, lehnz_pk_... (default: $LEHNZ_API_KEY)",
+    )
+    send.add_argument(
+        "--close-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after the last line, how long delivery may go on before what is left is "
+        "given up (and left for --resume)",
+    )
     send.add_argument(
         "--checkpoint",
         metavar="PATH",
         help=f"where to record how far the import got (default: FILE{CHECKPOINT_SUFFIX}; "
         "none for stdin)",
     )
-    send.add_argument(
+    restart = send.add_mutually_exclusive_group()
+    restart.add_argument(
         "--resume",
         action="store_true",
         help="skip the lines a previous run delivered (or reported bad), per the checkpoint",
     )
-    serve = commands.add_parser("serve", help="run the reference ingestion server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080, help="0: any free port")
+    restart.add_argument(
+        "--restart",
+        action="store_true",
+        help="send every line again although a checkpoint exists (without --resume or "
+        "--restart, an existing checkpoint stops send before it sends anything)",
+    )
+    serve = commands.add_parser(
+        "serve",
+        help="run the reference ingestion server and its event inspector",
+        description="Run the reference ingestion server (the documented contract, exactly)\n"
+        "and its event inspector, for local development: point a tracker's endpoint\n"
+        "at the printed URL and open the inspector in a browser.",
+        formatter_class=_Help,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    serve.add_argument("--port", type=int, default=8080, help="the port (0: any free port)")
     serve.add_argument(
         "--keep",
         type=_positive_int,
         default=10_000,
         metavar="N",
-        help="events, requests and Idempotency-Keys remembered (default: %(default)s)",
+        help="events, requests and Idempotency-Keys remembered",
     )
     serve.add_argument(
         "--client-timeout",
         type=_positive_float,
         default=30.0,
         metavar="SECONDS",
-        help="for a request's body, and between requests on a connection (default: %(default)s)",
+        help="for a request's body, and between requests on a connection",
     )
     serve.add_argument(
         "--allow-host",
@@ -809,6 +909,18 @@ def _parser() -> argparse.ArgumentParser:
         "and --host (repeatable; any other Host header gets 403, against DNS rebinding)",
     )
     return parser
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each option's default in its help (unless it has none, or the help says it),
+    and descriptions and epilogs laid out as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _host_name(text: str) -> str:
@@ -853,6 +965,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                 _err("lehnz-async: error: --resume needs --checkpoint PATH when reading stdin")
                 return 2
             checkpoint = _Checkpoint(args.checkpoint, "-")
+            if _stale_checkpoint(checkpoint, args):
+                return 2
             return asyncio.run(
                 _send(sys.stdin.buffer, options, args.close_timeout, checkpoint, args.resume)
             )
@@ -860,6 +974,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             checkpoint = _Checkpoint(
                 args.checkpoint or args.file + CHECKPOINT_SUFFIX, os.path.abspath(args.file)
             )
+            if _stale_checkpoint(checkpoint, args):
+                return 2
             return asyncio.run(_send(source, options, args.close_timeout, checkpoint, args.resume))
     except (ConfigurationError, OSError) as exc:
         _err(f"lehnz-async: error: {exc}")

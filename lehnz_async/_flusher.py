@@ -450,10 +450,13 @@ class Flusher:
         if self.orphaned:
             backlog.requeue()
             return
+        destination = self.sender.destination
+        outage = destination.cause if destination.outage else ""
         for left in backlog.sweep():
-            ledger.give_up(left, close_deadline_error(left))
+            ledger.give_up(left, close_deadline_error(left, outage))
         if not buffer.queued:
             return
+        unsent = f"{_UNSENT}; the endpoint was down: {outage}" if outage else _UNSENT
         unscrubbed = self._past_deadline and self._config.before_send is not None
         if ledger.spool is None or not ledger.spool_writable or unscrubbed:
             # unsent events are not run through before_send once the deadline has passed
@@ -461,7 +464,7 @@ class Flusher:
             leftover_events = list(buffer.staged) + list(buffer.events)
             buffer.staged.clear()
             buffer.events.clear()
-            ledger.fail_taken(leftover_events, ShutdownError(_UNSENT, leftover_events))
+            ledger.fail_taken(leftover_events, ShutdownError(unsent, leftover_events))
             return
         while (cut := self._cut()) is not None:
-            ledger.give_up(cut, ShutdownError(_UNSENT, cut.events))
+            ledger.give_up(cut, ShutdownError(unsent, cut.events))

@@ -501,7 +501,13 @@ def shutdown_error(events: Sequence[Event], message: str = UNSENT_AT_CLOSE) -> S
     return ShutdownError(message, events)
 
 
-def close_deadline_error(batch: Batch) -> ShutdownError:
+def close_deadline_error(batch: Batch, outage: str = "") -> ShutdownError:
     """The error of ``batch``, unsettled at the close deadline: whether it may have
-    reached the server depends on how its attempts ended."""
-    return ShutdownError(UNSENT_AT_CLOSE if batch.maybe_sent else NEVER_SENT_AT_CLOSE, batch.events)
+    reached the server depends on how its attempts ended; why it was not delivered
+    sooner is its last attempt's failure, or ``outage``'s cause (the endpoint was down)."""
+    message = UNSENT_AT_CLOSE if batch.maybe_sent else NEVER_SENT_AT_CLOSE
+    if outage:
+        message = f"{message}; the endpoint was down: {outage}"
+    elif batch.last_failure:
+        message = f"{message}; its last attempt: {batch.last_failure}"
+    return ShutdownError(message, batch.events)

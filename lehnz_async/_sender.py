@@ -289,6 +289,7 @@ class Sender:
         outcome = await self._attempt(part)
         if not isinstance(outcome, _Retry):
             return outcome
+        part.last_failure = outcome.failure
         if probe:
             logger.debug("outage probe: %s", outcome.failure)
             self._probe_wait = outcome.delay or 0.0  # Retry-After rules

@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -133,9 +134,10 @@ async def test_ctrl_c_then_resume_sends_each_event_exactly_once(tmp_path: Path) 
                 await proc.wait()
         out, err = out_b.decode(), err_b.decode()
         assert proc.returncode == 130, err
-        done, read = done_up_to(out)
+        done, total = done_up_to(out)
         assert 3_000 <= done < n, out  # interrupted half way...
-        assert done == read  # ...after delivering every line it had read
+        assert total == n  # ...of the whole file, not of what was read...
+        assert f"read {done} lines: {done} events" in out  # ...delivering all it had read
         assert "interrupted: --resume continues after line" in out
         data = read_checkpoint(checkpoint)
         assert data == {"file": str(path), "line": done, "settled": done, "resend": []}
@@ -257,6 +259,83 @@ async def test_a_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
         code, drawn = await asyncio.to_thread(run_on_a_terminal, args)
         assert code == 0, drawn
         assert re.search(r"2,000 lines +[\d,]+ lines/s +2,000 delivered", drawn), drawn
-        code, _, err = await run_cli(*args)  # stderr is a pipe: nothing drawn
+        code, _, err = await run_cli(*args, "--restart")  # stderr is a pipe: nothing drawn
         assert code == 0 and err == "", err
         assert len(server.events) == 4000
+
+
+async def test_a_checkpoint_left_by_an_earlier_run_needs_resume_or_restart(tmp_path: Path) -> None:
+    """Run again without --resume, send would silently send every line again: it stops
+    before sending anything and says which flag does what."""
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"".join(line(i) + b"\n" for i in range(1, 11)))
+    async with ReferenceServer() as server:
+        args = ("send", str(path), "--endpoint", server.url, "--api-key", server.api_key)
+        code, out, err = await run_cli(*args)
+        assert code == 0, err
+        code, out, err = await run_cli(*args)
+        assert code == 2 and out == ""
+        assert err.strip() == (
+            f"lehnz-async: error: a checkpoint of an earlier run exists ({path}.lehnz-checkpoint): "
+            "--resume sends only what it did not deliver; --restart sends every line again "
+            "(the server would store the events it delivered twice)"
+        )
+        assert len(server.events) == 10  # nothing was sent the second time
+        code, out, err = await run_cli(*args, "--resume")
+        assert code == 0 and "read 10 lines (10 done before, skipped): 0 events" in out
+        code, out, err = await run_cli(*args, "--restart")
+        assert code == 0 and "delivered 10 of 10" in out
+        assert len(server.events) == 20
+        code, out, err = await run_cli(*args, "--restart", "--resume")
+        assert code == 2 and "not allowed with argument" in err
+
+
+async def test_when_nothing_can_be_delivered_send_says_why(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"".join(line(i) + b"\n" for i in range(1, 6)))
+    with socket.socket() as sock:  # a port nobody listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code, out, err = await run_cli(
+        "send",
+        str(path),
+        "--endpoint",
+        f"http://127.0.0.1:{port}/api/v1/events/ingest",
+        "--api-key",
+        "lehnz_pk_test",
+        "--close-timeout",
+        "3",
+    )
+    assert code == 1
+    assert "delivered 0 of 5" in out and "5 line(s) not delivered" in out
+    (why,) = [x for x in err.splitlines() if x.startswith("lines 1-5: not delivered")]
+    # the outage's cause, or (before outage_grace passed) the batch's last attempt
+    assert re.search(r"(the endpoint was down|its last attempt): ClientConnectorError", why), err
+    assert f"127.0.0.1:{port}" in why
+
+
+def test_help_describes_every_option_with_its_default() -> None:
+    def help_of(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "lehnz_async", *args, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=cli_env(),
+        ).stdout
+
+    top = help_of()
+    assert "only module" not in top and "``" not in top  # no internal docstring
+    for command in ("demo", "send", "serve"):
+        assert re.search(rf"^    {command} +\S", top, re.M), top  # each with a description
+        text = help_of(command)
+        options = re.findall(r"^  (--[a-z-]+)", text, re.M)
+        assert options, text
+        for option in options:  # each option's line, or the lines under it, say something
+            block = text.split(option, 1)[1].split("\n  -", 1)[0]
+            assert len(block.split()) >= 4, (command, option, block)
+    send = " ".join(help_of("send").split())
+    assert "(default: 30.0)" in send and "(default: $LEHNZ_API_KEY)" in send
+    assert "Exit status: 0 all delivered" in send
+    serve = " ".join(help_of("serve").split())
+    assert "(default: 8080)" in serve and "(default: 10000)" in serve
