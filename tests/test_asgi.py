@@ -205,11 +205,20 @@ async def test_the_readme_fastapi_example_delivers_on_sigterm(
                     assert resp.status == 200
             async with http.post(f"{base_url}/cart/p1") as resp:  # a `def` endpoint
                 assert resp.status == 200
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as http:  # a new browser, cart first
+            for _ in range(2):
+                async with http.post(f"{base_url}/cart/p2") as resp:
+                    assert resp.status == 200
+            assert "lehnz_anon_id" in {cookie.key for cookie in jar}
         app.process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(app.process.wait(), SHUTDOWN_TIMEOUT)
     assert "Application shutdown complete" in app.output.decode()
-    assert [e["event_name"] for e in server.events] == ["view"] * 3 + ["add_to_cart"]
-    assert len({e["user_id"] for e in server.events}) == 1  # the cookie's anonymous id
+    events = server.events
+    assert [e["event_name"] for e in events] == ["view"] * 3 + ["add_to_cart"] * 3
+    assert len({e["user_id"] for e in events[:4]}) == 1  # the cookie's anonymous id
+    assert len({e["user_id"] for e in events[4:]}) == 1  # the new browser's, set at once
+    assert events[4]["user_id"] != events[0]["user_id"]
 
 
 # -- lifespan() -------------------------------------------------------------------------

@@ -46,6 +46,15 @@ async def test_worker(server: ReferenceServer) -> None:
 
 
 @pytest.mark.anyio
+async def test_attribution_against_a_fresh_server(server: ReferenceServer) -> None:
+    """As a new user runs it first: `lehnz-async serve` has ingested nothing yet, and
+    /recommend answers an empty list."""
+    await run_example("attribution", server)
+    assert len(server.recommendations) == 1  # it asked
+    assert [e["event_name"] for e in server.events] == []  # nothing shown, nothing clicked
+
+
+@pytest.mark.anyio
 async def test_attribution(server: ReferenceServer) -> None:
     async with Tracker(server.api_key, endpoint=server.url) as seeder:
         for i in range(30):
