@@ -81,6 +81,23 @@ class Attribution:
             while len(self._users) > self._max_users:
                 self._users.popitem(last=False)
 
+    def merge(self, previous_user_id: str, user_id: str) -> None:
+        """``identify()``: what was shown to ``previous_user_id`` (the anonymous id) is
+        remembered for ``user_id`` too, so that a purchase after sign-in is attributed
+        (where both saw an item, the fresher recommendation wins)."""
+        with self._lock:
+            previous = self._users.get(previous_user_id)
+            if not previous:
+                return
+            items = self._users.pop(user_id, None) or {}
+            for item, entry in previous.items():
+                mine = items.get(item)
+                if mine is None or mine[1] < entry[1]:
+                    items[item] = entry
+            self._users[user_id] = items
+            while len(self._users) > self._max_users:
+                self._users.popitem(last=False)
+
     def lookup(self, user_id: str, item_id: str) -> str | None:
         """The recommendation that showed ``item_id`` to ``user_id``, if still fresh."""
         with self._lock:

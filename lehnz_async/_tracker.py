@@ -434,6 +434,9 @@ class Tracker:
         event = build_event(
             user_id, "identify", None, "system", session_id, None, context, previous_user_id
         )
+        attribution = self._recommender.attribution
+        if attribution is not None:  # what the anonymous id was shown follows the user
+            attribution.merge(event.previous_user_id or "", event.user_id)
         if len(self._events) < self._buffer.threshold:
             self._append(event)
         else:

@@ -45,6 +45,33 @@ async def test_the_whole_loop_is_attributed(server: ReferenceServer) -> None:
     assert_ledger(tracker.stats)
 
 
+async def test_attribution_follows_identify_from_the_anonymous_id_to_the_user(
+    server: ReferenceServer,
+) -> None:
+    """Shown recommendations while anonymous, signed in, then bought: attributed."""
+    tracker = Tracker(server.api_key, endpoint=server.url, attribution_ttl=600)
+    async with tracker:
+        await seed_popularity(tracker)
+        rec = await tracker.recommend("anon_1", limit=2)
+        tracker.expose("anon_1", rec)
+        own = await tracker.recommend("usr_1", limit=1)  # what the user was shown before
+        tracker.identify("usr_1", previous_user_id="anon_1")
+        for _ in range(250):
+            tracker.track("usr_1", "purchase", item_id="p2", context={"price": 5})
+        tracker.track("usr_1", "click", item_id="p3")  # shown to both: the fresher wins
+        tracker.track("anon_1", "click", item_id="p3")  # the anonymous id keeps its own
+        tracker.track("usr_2", "purchase", item_id="p2")  # someone else: not attributed
+    rid = rec.recommendation_id
+    assert own.recommendation_id != rid
+    assert_tracked(server.events, event_name="purchase", recommendation_id=rid, count=250)
+    assert own.all_item_ids == ["p3"]  # shown to usr_1 after rec: the fresher
+    fresher = own.recommendation_id
+    assert_tracked(server.events, user_id="usr_1", event_name="click", recommendation_id=fresher)
+    assert_tracked(server.events, user_id="anon_1", event_name="click", recommendation_id=rid)
+    assert_tracked(server.events, user_id="usr_2", recommendation_id=None, count=1)
+    assert_ledger(tracker.stats)
+
+
 async def test_without_attribution_nothing_is_filled_in(server: ReferenceServer) -> None:
     async with Tracker(server.api_key, endpoint=server.url) as tracker:
         await seed_popularity(tracker)
