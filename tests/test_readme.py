@@ -68,7 +68,5 @@ async def test_attribution(server: ReferenceServer) -> None:
 
 def test_user_test(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=EXAMPLES["user-test"])
-    result = pytester.runpytest_subprocess(
-        "-p", "anyio", "-p", "no:looptime_plugin"
-    )  # looptime's needs pytest-asyncio
+    result = pytester.runpytest_subprocess()  # as a user runs it, in this environment
     result.assert_outcomes(passed=2)
