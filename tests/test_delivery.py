@@ -311,7 +311,8 @@ async def test_a_sigkill_during_an_outage_loses_nothing_that_was_spilled(
     with sqlite3.connect(spool) as conn:
         for (body,) in conn.execute("SELECT body FROM batches"):
             spilled.update(e["user_id"] for e in msgspec.json.decode(body))
-    assert len(spilled) >= 500
+    # at least a row's worth each (rows hold up to 50: fewer once a batch was split)
+    assert len(spilled) >= int(line.split()[1]) >= 10
 
     server.faults.random_faults = []
     async with Tracker(server.api_key, endpoint=server.url, spool_path=spool) as tracker:
