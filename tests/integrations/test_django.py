@@ -6,6 +6,7 @@ under gunicorn (sync and gthread workers recycled by --max-requests) and under u
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import threading
@@ -286,3 +287,65 @@ async def test_uvicorn_workers_stopped_with_sigterm_deliver_every_event_once(
         shutdown=shutdown,
         wall=time.monotonic() - began,
     )
+
+
+README_DJANGO_CHECK = """
+import os, sys
+import django
+from django.test import Client
+
+django.setup()
+from django.urls import path
+
+import urls_readme  # noqa: F401  (the README's views under two paths)
+from asgi import application  # the README's asgi.py
+
+assert callable(application)
+client = Client()
+assert client.get("/products/p1").status_code == 200
+assert client.post("/cart/p1").status_code == 200
+from lehnz_async.django import get_tracker
+
+tracker = get_tracker()
+tracker.close()
+print("tracked", tracker.stats.tracked, "delivered", tracker.stats.delivered)
+"""
+
+
+@pytest.mark.anyio
+async def test_the_readme_django_blocks(tmp_path: Path, server: ReferenceServer) -> None:
+    """The README's settings.py, views.py and asgi.py, as written, in a project of their
+    own (with what the README leaves to ``# ...``: the auth app, the URLs): a sync and an
+    async view track through ``request.lehnz``, and the ASGI wrapper imports."""
+    from ..test_readme_blocks import unmarked
+
+    (tmp_path / "settings.py").write_text(
+        unmarked("# settings.py")
+        + "\n# what the README leaves to `# ...`\n"
+        + 'SECRET_KEY = "readme"\nALLOWED_HOSTS = ["testserver"]\nROOT_URLCONF = "urls_readme"\n'
+        + 'DATABASES = {}\nSESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"\n'
+        + 'INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth",\n'
+        + '                  "django.contrib.sessions", *INSTALLED_APPS]\n'
+    )
+    (tmp_path / "views.py").write_text(unmarked("# views.py"))
+    (tmp_path / "asgi.py").write_text(unmarked("# asgi.py: only for ASGI servers"))
+    (tmp_path / "urls_readme.py").write_text(
+        "from django.urls import path\n\nfrom views import add_to_cart, product\n\n"
+        'urlpatterns = [path("products/<str:product_id>", product),\n'
+        '               path("cart/<str:product_id>", add_to_cart)]\n'
+    )
+    env = {
+        **tracker_env(server),
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(tmp_path),
+        "DJANGO_SETTINGS_MODULE": "settings",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", README_DJANGO_CHECK, cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    assert "tracked 2 delivered 2" in out.decode()
+    assert [e["event_name"] for e in server.events] == ["view", "add_to_cart"]
+    assert len({e["user_id"] for e in server.events}) == 1  # one visitor: the session's id
