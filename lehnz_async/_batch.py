@@ -175,20 +175,13 @@ def encode_each(events: list[Event]) -> tuple[list[Event], list[tuple[Event, str
 
 def encode(events: list[Event]) -> tuple[list[Event], bytes, list[tuple[Event, str]]]:
     """Encode events as one JSON array, leaving out (and returning) those JSON cannot
-    carry as given: a value msgspec refuses, a key that is not a str, a NaN or infinity
-    (which msgspec would write as ``null``: a body with no ``null`` has none, so the
-    contexts are only walked when one appears)."""
+    carry: a value msgspec refuses, a key that is not a str (the common case, all
+    encodable, costs one call)."""
     try:
-        body = encoder.encode(events)
+        return events, encoder.encode(events), []
     except Exception:
-        pass
-    else:
-        if b"null" not in body or not any(
-            event.context is not None and context_fault(event.context) for event in events
-        ):
-            return events, body, []
-    good, bad = encode_each(events)
-    return good, encoder.encode(good), bad
+        good, bad = encode_each(events)
+        return good, encoder.encode(good), bad
 
 
 def cut(

@@ -367,13 +367,11 @@ class _Price:
 @pytest.mark.parametrize(
     ("context", "named"),
     [
-        ({"price": float("nan")}, "context['price']: nan is not a finite number"),
-        ({"n": {"deep": [1, float("-inf")]}}, "context['n']['deep'][1]: -inf is not a finite"),
+        ({"n": {"deep": [1, object()]}}, "context['n']['deep'][1]: object values cannot"),
         ({1: "a", "1": "b"}, "context: the key 1 is not a str (int)"),
         ({"x": {2: "b"}}, "context['x']: the key 2 is not a str (int)"),
         ({"z": 1j, "ok": None}, "context['z']: complex values cannot be encoded"),
-        ({"tags": {float("nan")}}, "context['tags'][0]: nan is not a finite"),
-        ({"p": _Price(float("inf"))}, "context['p']['amount']: inf is not a finite"),
+        ({"p": _Price(1j)}, "context['p']: _Price values cannot be encoded"),  # type: ignore[arg-type]
     ],
 )
 async def test_what_json_cannot_carry_is_refused_by_name_and_fails_alone(
@@ -383,7 +381,7 @@ async def test_what_json_cannot_carry_is_refused_by_name_and_fails_alone(
     context: dict[Any, Any],
     named: str,
 ) -> None:
-    """Never sent changed (NaN as null, an int key as a string, a duplicate key): the
+    """Never sent changed (an int key as a string, a duplicate key) or not at all: the
     event goes to on_error naming the part at fault, its batch goes on without it."""
     async with make_tracker() as tracker:
         tracker.track("usr_1", "view", item_id="p", context={"none": None, "price": 1.5})
@@ -422,6 +420,8 @@ async def test_context_values_reach_the_server_as_the_readme_table_says(
         "big": 2**70,
         "b": {"z": 1, "a": 2},
         "p": _Price(2.5),
+        "nan": float("nan"),
+        "inf": [float("inf"), float("-inf")],
     }
     async with make_tracker() as tracker:
         tracker.track("usr_1", "view", context=context)
@@ -438,6 +438,8 @@ async def test_context_values_reach_the_server_as_the_readme_table_says(
         "big": 2**70,
         "b": {"a": 2, "z": 1},
         "p": {"amount": 2.5},
+        "nan": None,  # JSON has no NaN or infinity: null, as JSON.stringify writes them
+        "inf": [None, None],
     }
     assert b'"price":9.99' in server.requests[-1].body  # a number, with exactly its digits
 
