@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import random
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -198,7 +197,10 @@ class Sender:
             if self._stopped and due is None:
                 return None
             self._work.clear()
-            with anyio.move_on_after(math.inf if due is None else max(0.0, due - loop.time())):
+            if due is None:  # nothing backing off: no timer (a cancel scope costs µs)
+                await self._work.wait()
+                continue
+            with anyio.move_on_after(max(0.0, due - loop.time())):
                 await self._work.wait()
 
     async def worker(self) -> None:
