@@ -358,7 +358,7 @@ class LoopBinding:
                 if self.state is State.RUNNING:
                     self.state = State.CLOSING
                     self._buffer.shut()
-            await flusher.close(timeout, task)
+            await flusher.close(timeout)
         with anyio.CancelScope(shield=True):
             await self._close_sessions()
 

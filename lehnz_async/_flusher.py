@@ -126,6 +126,8 @@ class Flusher:
             # passes at the same moment may swallow it (anyio before 4.16 did, and a
             # close that passed its deadline then waited for ever)
             self._stop = stop = anyio.CancelScope()
+            if self._past_deadline:  # the close deadline passed before this task began
+                stop.cancel()
             with stop:
                 await self._transport.open()
                 rows = await self._load_spool()
@@ -194,7 +196,7 @@ class Flusher:
             with anyio.move_on_after(self._config.flush_interval):
                 await self.room.wait()
 
-    async def close(self, deadline: float, task: asyncio.Task[None]) -> None:
+    async def close(self, deadline: float) -> None:
         """Drain and stop; at ``deadline`` seconds (or on `hurry`), give up what is
         unsettled."""
         self.closing = True
@@ -211,8 +213,7 @@ class Flusher:
             )
             if self._stop is not None:
                 self._stop.cancel()
-            else:  # run() has not begun
-                task.cancel()
+            # else run() has not begun: it sees _past_deadline and stops at once
             await self.done.wait()
 
     def hurry(self) -> None:

@@ -13,7 +13,6 @@ is opened.
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 import os
 import random
@@ -161,10 +160,10 @@ class Tracker:
     def __new__(cls, *args: Any, **options: Any) -> Tracker:
         # Python's own TypeError for a misspelt option names no alternative: say which
         # option was meant, as a ConfigurationError, before __init__ would be called
-        unknown = options.keys() - _options()
+        unknown = options.keys() - _OPTIONS
         if unknown:
             name = sorted(unknown)[0]
-            close = difflib.get_close_matches(name, _options(), n=1)
+            close = difflib.get_close_matches(name, _OPTIONS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else " (see the README's options table)"
             raise ConfigurationError(f"Tracker() has no option {name!r}{hint}")
         return super().__new__(cls)
@@ -669,16 +668,9 @@ class Tracker:
         )
 
 
-@functools.cache
-def _options() -> frozenset[str]:
-    """The keyword arguments `Tracker` takes."""
-    return frozenset(inspect.signature(Tracker.__init__).parameters) - {"self"}
-
-
-# help(Tracker), IDEs and the API reference show __init__'s options, not __new__'s catch-all
+# help(Tracker), IDEs and the API reference show __init__'s options, not __new__'s
+# catch-all; __new__ checks a call's keywords against them
 _init = inspect.signature(Tracker.__init__)
-setattr(  # noqa: B010  (a class attribute mypy does not know)
-    Tracker,
-    "__signature__",
-    _init.replace(parameters=[p for p in _init.parameters.values() if p.name != "self"]),
-)
+_SIGNATURE = _init.replace(parameters=[p for p in _init.parameters.values() if p.name != "self"])
+setattr(Tracker, "__signature__", _SIGNATURE)  # noqa: B010  (mypy does not know it)
+_OPTIONS = frozenset(_SIGNATURE.parameters)
