@@ -17,10 +17,12 @@ from ._exceptions import (
     ShutdownError,
     TrackerClosedError,
 )
+from ._marks import Mark, Receipt
 from ._recommend import Recommendation
 from ._retry import RetryPolicy
 from ._stats import Stats
 from ._tracker import Tracker
+from ._watchdog import Health
 
 __all__ = [
     "DEFAULT_INGEST_URL",
@@ -30,8 +32,11 @@ __all__ = [
     "DeliveryError",
     "EncodeError",
     "Event",
+    "Health",
     "InvalidEventError",
     "LehnzError",
+    "Mark",
+    "Receipt",
     "Recommendation",
     "RecommendationError",
     "RejectedError",

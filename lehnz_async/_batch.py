@@ -15,6 +15,7 @@ Events msgspec cannot encode are taken out and returned separately, so that one 
 
 from __future__ import annotations
 
+import enum
 import os
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +28,15 @@ from ._event import Event, context_fault, encoder
 #: ``/proc/self/status`` over 200,000 events (410 B in memory for 129 B of JSON) and
 #: 20,000 events with 10 KB contexts (10,480 B for 10,123 B).
 EVENT_OVERHEAD = 300
+
+
+class Fate(enum.Enum):
+    """How a batch ends."""
+
+    DELIVERED = "delivered"
+    FAILED = "failed"  # reported to on_error
+    SPOOLED = "spooled"  # written to the spool, to be sent by a later tracker
+    DROPPED = "dropped"  # counted with a reason (older than max_event_age)
 
 
 def memory_size(body_size: int, n: int) -> int:
@@ -84,6 +94,7 @@ class Batch:
         "others_ok",
         "replayed",
         "root",
+        "seq",
         "settled",
         "spill_row",
         "spool_id",
@@ -102,6 +113,9 @@ class Batch:
         self.body = body
         self.key = key
         self.root = root
+        #: the queue sequence number of its first event (set when the ledger opens it;
+        #: -1 for events re-sent from the spool), for `Tracker.mark`'s windows
+        self.seq = -1
         self.spool_id = spool_id
         self.n = len(events)
         self.mem = memory_size(len(body), self.n)
@@ -134,6 +148,8 @@ class Batch:
         # the ledger counted this batch's memory once: the halves share it out
         halves[0].mem = self.mem * half // len(self.events)
         halves[1].mem = self.mem - halves[0].mem
+        if self.seq >= 0:
+            halves[0].seq, halves[1].seq = self.seq, self.seq + half
         for part in halves:
             part.maybe_sent = self.maybe_sent
             part.replayed = self.replayed
@@ -190,20 +206,26 @@ def cut(
     max_bytes: int,
     staged: deque[Event] | None = None,
     prepare: Callable[[list[Event]], list[Event]] | None = None,
+    max_taken: int | None = None,
 ) -> Cut | None:
     """Take the next batch from the left of ``queue``; None if nothing is left.
 
     ``prepare`` (the ``before_send`` hook) is applied to events as they leave ``queue``;
     events beyond the byte bound go back, in order, to the left of ``staged`` (already
     prepared, taken first next time), or of ``queue`` when there is no ``staged``.
+    ``max_taken`` bounds the events taken off ``staged`` and ``queue`` together, those
+    ``prepare`` leaves out included (a window of `Tracker.mark` ends there).
     """
     events: list[Event] = []
+    left = max_events if max_taken is None else min(max_events, max_taken)
     if staged:
-        events = list(starmap(staged.popleft, repeat((), min(len(staged), max_events))))
-    while len(events) < max_events and queue:
+        events = list(starmap(staged.popleft, repeat((), min(len(staged), left))))
+        left -= len(events)
+    while len(events) < max_events and queue and left > 0:
         # popleft() n times, from C: safe against appends from other threads meanwhile
-        n = min(len(queue), max_events - len(events))
+        n = min(len(queue), max_events - len(events), left)
         taken = list(starmap(queue.popleft, repeat((), n)))
+        left -= n
         events += taken if prepare is None else prepare(taken)
     if not events:
         return None

@@ -431,11 +431,13 @@ class LoopBinding:
         for batch in self._ledger.backlog.sweep():
             self._ledger.give_up(batch, ShutdownError(message, batch.events))
         hooked = self.flusher.abandon_hooked() if self.flusher is not None else []
+        self._ledger.moving()
         leftovers = hooked + list(self._buffer.staged) + list(self._buffer.events)
         self._buffer.staged.clear()
         self._buffer.events.clear()
         if leftovers:
             self._ledger.fail_taken(leftovers, ShutdownError(message, leftovers))
+        self._ledger.moved()
         self.state = State.CLOSED
 
     def reset_after_fork(self) -> None:

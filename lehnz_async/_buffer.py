@@ -128,12 +128,8 @@ class Buffer:
             if not self._drop_oldest:
                 self._dropped(taken=False, reason=reason)
                 return
-            try:
-                events.popleft()
-            except IndexError:  # emptied by the flusher meanwhile (another thread)
-                pass
-            else:
-                self._dropped(taken=True, reason=reason)
+            if self._ledger.drop_oldest(self.staged, events, reason):
+                self._log_drop(self._ledger.dropped, reason)
         events.append(event)
         if running:
             n = len(events)
@@ -158,7 +154,10 @@ class Buffer:
         self.threshold = 0
 
     def _dropped(self, taken: bool, reason: str) -> None:
-        total = self._ledger.drop(1, taken=taken, reason=reason)
+        self._log_drop(self._ledger.drop(1, taken=taken, reason=reason), reason)
+
+    def _log_drop(self, total: int, reason: str) -> None:
+        """One more event dropped (``total`` in all): warn, at most every so often."""
         self._drops_since_log += 1
         now = time.monotonic()
         if now - self._last_drop_log < _DROP_LOG_INTERVAL:

@@ -41,6 +41,9 @@ DEFAULT_MAX_SPOOL_BYTES = 1024 * 1024 * 1024  # disk is cheaper than memory
 DEFAULT_MAX_EVENT_AGE: float | None = None  # off: see the README (Outages)
 DEFAULT_OUTAGE_GRACE = 2.0  # a passing blip is retried; two seconds of failures is an outage
 DEFAULT_PROBE_MAX_DELAY = 10.0  # at most 10 s between the end of an outage and noticing it
+# a minute of nothing delivered while events wait: well past a request's timeout and a
+# batch's retries, so a slow server is not taken for a stalled sender
+DEFAULT_STALL_TIMEOUT: float | None = 60.0
 DEFAULT_RECOMMEND_CONNECTIONS = 4  # the recommender's own pool, apart from the uploads'
 # RetryPolicy's defaults
 DEFAULT_MAX_ATTEMPTS = 8
@@ -141,6 +144,7 @@ class Config:
     max_event_age: float | None = DEFAULT_MAX_EVENT_AGE
     outage_grace: float | None = DEFAULT_OUTAGE_GRACE
     probe_max_delay: float = DEFAULT_PROBE_MAX_DELAY
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT
     proxy: str | None = None
     trust_env: bool = True
     ssl: ssl_module.SSLContext | None = None
@@ -193,7 +197,7 @@ class Config:
                 f"({self.max_batch_size}) events of 1 KB) takes {one_batch} bytes in memory "
                 "(its events and its body); raise max_buffer_bytes or lower max_batch_bytes"
             )
-        for name in ("attribution_ttl", "max_event_age", "outage_grace"):
+        for name in ("attribution_ttl", "max_event_age", "outage_grace", "stall_timeout"):
             if getattr(self, name) is not None:
                 positive_float(name, getattr(self, name))
         if self.overflow not in OVERFLOW_POLICIES:

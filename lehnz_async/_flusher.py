@@ -33,7 +33,8 @@ from ._config import Config
 from ._event import Event
 from ._exceptions import DeliveryError, EncodeError, ShutdownError
 from ._health import Destination
-from ._ledger import Fate, Ledger, close_deadline_error
+from ._holding import Holding
+from ._ledger import Ledger, close_deadline_error
 from ._sender import RESTART_DELAY, RESTART_MAX_DELAY, Sender
 from ._spool import SpooledBatch
 from ._transport import BatchTransport
@@ -50,7 +51,7 @@ _NOT_PREPARED = (
 )
 
 
-class Flusher:
+class Flusher(Holding):
     """Sends a tracker's buffer, one run on one event loop.
 
     Args:
@@ -114,6 +115,11 @@ class Flusher:
         # abandon_hooked
         self._hooked: tuple[list[Event], list[Event], int] | None = None
         self._abandoned = False
+
+    @property
+    def in_hook(self) -> bool:
+        """Whether ``before_send`` is running now (for the watchdog)."""
+        return self._hooked is not None
 
     # -- what the loop binding calls ------------------------------------------------------
 
@@ -272,83 +278,6 @@ class Flusher:
             sender.freed.clear()
             await sender.freed.wait()
 
-    async def _hold(self) -> None:
-        """In an outage: cut nothing, but give the prober a batch if it has none, and
-        spill the newest batches to the spool (if there is one) before memory runs out.
-        A spool that cannot be written is set aside: memory and the byte budget take
-        over, and what they cannot hold is dropped by reason."""
-        sender, buffer, backlog = self.sender, self._buffer, self.sender.backlog
-        if sender.wants_probe_batch and (batch := self._cut()) is not None:
-            backlog.park(batch)
-        ledger = self._ledger
-        budget = self._config.max_buffer_bytes
-        while (
-            ledger.spool is not None
-            and ledger.spool_writable
-            and ledger.held_bytes + buffer.queued_bytes > budget // 2
-        ):
-            # memory is filling: write the newest batch held in memory to disk (the
-            # oldest stays, to probe with), else cut one off the queue and write that
-            held = [b for b in backlog.parked[1:] if b.spill_row is None]
-            if held:
-                batch = held[-1]
-            elif buffer.queued > self._config.max_batch_size:
-                cut = self._cut()
-                if cut is None:
-                    break
-                backlog.park(batch := cut)
-            else:
-                break
-            try:
-                if not await self._spill(batch):
-                    break  # the spool is full too: the overflow policy decides
-            except Exception as exc:  # a full disk, an unwritable file
-                self._spill_failed(exc)
-                break
-        self.room.set()
-        buffer.open()
-
-    def _spill_failed(self, exc: Exception) -> None:
-        """A spill could not be written: storage's failure, not the flusher's."""
-        self._ledger.spool_failed("write", exc)
-
-    async def _spill(self, batch: Batch) -> bool:
-        """Write ``batch`` to the spool and let go of it in memory; False if the spool
-        has no room for it (``max_spool_bytes``)."""
-        spool = self._ledger.spool
-        assert spool is not None
-        if batch.spool_id is not None:
-            row = batch.spool_id  # read back from the spool whole: its row is there
-        elif await spool.size() + len(batch.body) > self._config.max_spool_bytes:
-            return False
-        else:
-            row = await spool.write(batch)
-        self._ledger.spilled(batch, row)
-        batch.events, batch.body = [], b""
-        return True
-
-    def _expire(self, cutoff: float) -> None:
-        """Drop what was tracked before ``cutoff`` (loop time), counted as dropped for
-        ``max_event_age``: from the queue, and batches waiting out an outage."""
-        marks = self._marks
-        while len(marks) >= 2 and marks[1][1] <= cutoff:
-            marks.popleft()
-        if not marks or marks[0][1] > cutoff:
-            return
-        old = marks[0][0]  # every event numbered below this was tracked before cutoff
-        ledger, buffer = self._ledger, self._buffer
-        dropped = 0
-        for _ in range(min(buffer.queued, old - ledger.taken)):
-            try:
-                (buffer.staged or buffer.events).popleft()
-            except IndexError:  # drop_oldest in another thread took the last one
-                break
-            dropped += 1
-        if dropped:
-            ledger.drop(dropped, taken=True, reason="max_event_age")
-        for batch in [b for b in self.sender.backlog.parked if b.root + b.n <= old]:
-            ledger.settle(batch, Fate.DROPPED, reason="max_event_age")
-
     def _cut(self) -> Batch | None:
         """Cut the next batch off the queue and open it in the ledger; None once the
         queue is empty. Events that cannot be encoded are reported here."""
@@ -358,19 +287,33 @@ class Flusher:
         if learnt is not None:
             max_bytes = min(max_bytes, learnt)
         buffer = self._buffer
-        while cut := _batch.cut(
-            buffer.events, config.max_batch_size, max_bytes, buffer.staged, self._prepare
-        ):
-            for event, reason in cut.unencodable:
-                ledger.fail_taken(
-                    [event], EncodeError(f"the event cannot be sent as JSON: {reason}", [event])
-                )
-            if cut.events:
-                batch = Batch(cut.events, cut.body, new_key(), -1)
-                ledger.open(batch)  # in the backlog from now until it is settled
-                self._buffer.observe(len(cut.body), len(cut.events))
-                return batch
-        return None
+        ledger.moving()  # what leaves the queue is counted in the ledger before moved()
+        try:
+            while cut := _batch.cut(
+                buffer.events,
+                config.max_batch_size,
+                max_bytes,
+                buffer.staged,
+                self._prepare,
+                self._window_room(),
+            ):
+                for event, reason in cut.unencodable:
+                    ledger.fail_taken(
+                        [event], EncodeError(f"the event cannot be sent as JSON: {reason}", [event])
+                    )
+                if cut.events:
+                    batch = Batch(cut.events, cut.body, new_key(), -1)
+                    ledger.open(batch)  # in the backlog from now until it is settled
+                    self._buffer.observe(len(cut.body), len(cut.events))
+                    return batch
+            return None
+        finally:
+            ledger.moved()
+
+    def _window_room(self) -> int | None:
+        """Most events the next batch may take off the queue before a window of
+        `Tracker.mark` ends (None: no window ends ahead)."""
+        return self._ledger.window_room() if self._ledger.windows.pending else None
 
     def _prepare(self, events: list[Event]) -> list[Event]:
         """Run ``before_send`` over events leaving the queue: what it returns is sent;
@@ -434,7 +377,9 @@ class Flusher:
                 logger.error(
                     "dropping unreadable spool row %d (%d events): %s", row.id, row.events, exc
                 )
-                self._ledger.drop(row.events, taken=False, reason="unreadable_spool_row")
+                self._ledger.drop(
+                    row.events, taken=False, reason="unreadable_spool_row", replayed=True
+                )
                 self._ledger.spool.remove(row.id)  # type: ignore[union-attr]
                 continue
             await self._free_worker()
@@ -462,10 +407,12 @@ class Flusher:
         if ledger.spool is None or not ledger.spool_writable or unscrubbed:
             # unsent events are not run through before_send once the deadline has passed
             # (so no unscrubbed event is spooled): they are reported
+            ledger.moving()
             leftover_events = list(buffer.staged) + list(buffer.events)
             buffer.staged.clear()
             buffer.events.clear()
             ledger.fail_taken(leftover_events, ShutdownError(unsent, leftover_events))
+            ledger.moved()
             return
         while (cut := self._cut()) is not None:
             ledger.give_up(cut, ShutdownError(unsent, cut.events))

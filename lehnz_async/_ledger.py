@@ -11,25 +11,35 @@ identity ``taken + discarded == delivered + failed + dropped + in_flight + spool
 `Stats` snapshot taken from any thread adds up.
 
 The ledger also knows which batches are open, by the sequence number of their first
-event, so that ``flush()`` can wait for exactly what it covers (`wait_settled`).
+event, so that ``flush()`` can wait for exactly what it covers (`wait_settled`), and
+counts what settles into the windows of ``mark()`` (`_marks`). Its dealings with the
+spool are in `_spooling`, its reports to the user in `_reports` (two mixins: one state,
+one lock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ._backlog import Backlog
-from ._batch import memory_size
-from ._event import decode_events
-from ._exceptions import AuthenticationError, DeliveryError, ShutdownError
-from ._spool import SpoolWriteError
+from ._batch import Fate
+from ._exceptions import DeliveryError, ShutdownError
+from ._marks import DELIVERED, DROPPED, FAILED, FILTERED, SPOOLED, UNSENT, Window, Windows
+from ._reports import (
+    NEVER_SENT_AT_CLOSE,
+    SLOW_HOOK,
+    UNSENT_AT_CLOSE,
+    Reporting,
+    close_deadline_error,
+)
+from ._spooling import Spooling
 from ._stats import Stats
 
 if TYPE_CHECKING:
@@ -39,17 +49,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("lehnz_async")
 
+__all__ = [  # what other modules import from here (some defined in the halves)
+    "NEVER_SENT_AT_CLOSE",
+    "SLOW_HOOK",
+    "UNSENT_AT_CLOSE",
+    "Fate",
+    "Ledger",
+    "close_deadline_error",
+]
 
-class Fate(enum.Enum):
-    """How a batch ends."""
 
-    DELIVERED = "delivered"
-    FAILED = "failed"  # reported to on_error
-    SPOOLED = "spooled"  # written to the spool, to be sent by a later tracker
-    DROPPED = "dropped"  # counted with a reason (older than max_event_age)
-
-
-class Ledger:
+class Ledger(Spooling, Reporting):
     """The counters, the open batches and the failure reports of one tracker.
 
     Args:
@@ -109,6 +119,19 @@ class Ledger:
         self._slow_hooks: set[str] = set()
         #: the endpoint, named in every delivery error
         self.endpoint = ""
+        #: events re-sent from the spool (numbered in ``taken``, not in the queue's order)
+        self.replayed = 0
+        #: parts of the engine taking events off the queue right now, not yet counted
+        #: here (`moving`): a window's end is read only while it is 0
+        self.movers = 0
+        #: the windows of mark() and flush() not done yet (see `_marks`)
+        self.windows = Windows()
+        #: time.monotonic() of the last 2xx answer, or None
+        self.last_ok: float | None = None
+        #: (time.monotonic(), what) of the last event failed or dropped, or None
+        self.last_loss: tuple[float, str] | None = None
+        #: the user's hook running now ("on_error"), for the watchdog
+        self.hook_running = ""
         # set while on_error runs in some thread: it is never re-entered from itself
         self._in_on_error = threading.local()
 
@@ -126,6 +149,10 @@ class Ledger:
         n = batch.n
         with self._lock:
             batch.root = self.taken
+            if spool_id is None:
+                batch.seq = self.taken - self.replayed
+            else:
+                self.replayed += n  # tracked by an earlier tracker: in no window
             self.taken += n
             self.in_flight += n
             self.batches += 1
@@ -163,6 +190,8 @@ class Ledger:
                     self.drops[reason] = self.drops.get(reason, 0) + n
                 else:
                     self.failed += n
+                if batch.seq >= 0:
+                    self.windows.count(batch.seq, n, _fate_index(fate, error))
                 entry = self._open[batch.root]
                 if fate is Fate.SPOOLED and spilled and entry[1] == batch.spill_row:
                     entry[1] = None  # a replayed row, spooled again as it is: it stays
@@ -206,44 +235,90 @@ class Ledger:
         """Events taken from the queue that can never be sent (unencodable, or nowhere
         left to send them at exit): failed, and reported."""
         with self._lock:
+            fate = UNSENT if isinstance(error, ShutdownError) else FAILED
+            self.windows.count(self.taken - self.replayed, len(events), fate)
             self.taken += len(events)
             self.failed += len(events)
         self.report(error)
+        self._release_waiters()
 
     def refuse(self, error: DeliveryError) -> None:
         """Events refused before being queued (tracked after close): failed, reported."""
         with self._lock:
             self.discarded += len(error.events)
             self.failed += len(error.events)
+            self.windows.door(len(error.events), unsent=True)
         self.report(error)
 
-    def drop(self, n: int, *, taken: bool, reason: str) -> int:
+    def drop(self, n: int, *, taken: bool, reason: str, replayed: bool = False) -> int:
         """Count ``n`` events dropped for ``reason``; ``taken`` when they were popped off
-        the queue (drop_oldest, too old), not refused at the door (drop_newest). The
-        total dropped."""
+        the queue (drop_oldest, too old), not refused at the door (drop_newest), nor
+        ``replayed`` from the spool. The total dropped."""
         with self._lock:
             if taken:
+                fate = FILTERED if reason == "before_send" else DROPPED
+                self.windows.count(self.taken - self.replayed, n, fate)
                 self.taken += n
             else:
                 self.discarded += n
+                if not replayed:
+                    self.windows.door(n, unsent=False)
             self.dropped += n
             self.drops[reason] = self.drops.get(reason, 0) + n
-            return self.dropped
+            total = self.dropped
+            self.last_loss = (time.monotonic(), f"{n} dropped ({reason})")
+        if taken:
+            self._release_waiters()
+        return total
 
-    def spilled(self, batch: Batch, row_id: int) -> None:
-        """``batch`` was written to the spool during an outage and let go of in memory;
-        it is still in flight, and its row goes when it is settled."""
+    def drop_oldest(self, staged: deque[Event], queue: deque[Event], reason: str) -> bool:
+        """Drop the oldest queued event for ``reason`` (any thread): the first of
+        ``staged`` (taken off the queue and put back), else of ``queue``. False if both
+        are empty."""
         with self._lock:
-            self.held_bytes -= batch.mem
-            batch.mem = 0
-            batch.spill_row = row_id
+            try:
+                (staged or queue).popleft()
+            except IndexError:  # emptied by the flusher meanwhile (another thread)
+                return False
+            self.movers += 1
+        try:
+            self.drop(1, taken=True, reason=reason)
+        finally:
+            self.moved()
+        return True
 
-    def unspill(self, batch: Batch) -> None:
-        """A batch read back from its spill row is being split: the halves are in memory
-        only, and the row goes."""
-        if batch.spill_row is not None and self.spool is not None:
-            self.spool.remove(batch.spill_row)
-            batch.spill_row = None
+    # -- windows (mark() and flush()) -----------------------------------------------------
+
+    def moving(self) -> None:
+        """Events are being taken off the queue (and not counted here yet): hold the end
+        of any new window until `moved`."""
+        with self._lock:
+            self.movers += 1
+
+    def moved(self) -> None:
+        with self._lock:
+            self.movers -= 1
+
+    def window_room(self) -> int | None:
+        """How many events the next batch may take before it would cross the end of a
+        window (None: no window ends ahead)."""
+        with self._lock:
+            at = self.taken - self.replayed
+            for window in self.windows.pending:
+                if window.hi > at:
+                    return window.hi - at
+            return None
+
+    def close_window(self, queued: Callable[[], int], inside: bool) -> Window | None:
+        """End the open window after the events tracked so far (``queued()`` of them
+        still wait in the queue); None while events are being taken off the queue
+        (try again), unless ``inside`` (called from a hook of the part taking them)."""
+        with self._lock:
+            if self.movers and not inside:
+                return None
+            window = self.windows.close(self.taken - self.replayed + queued())
+        self._release_waiters()
+        return window
 
     def outage(self, started: bool) -> None:
         """An outage began (counted) or ended."""
@@ -265,154 +340,15 @@ class Ledger:
         or ``failure`` (no HTTP answer). Observers (`lehnz_async.otel`) are told."""
         with self._lock:
             self.requests_in_flight -= 1
+            if status is not None and 200 <= status < 300:
+                self.last_ok = time.monotonic()
         for observe in self.request_observers:
             try:
                 observe(seconds, status, failure)
             except Exception:
                 logger.exception("a request observer raised; it is left in place")
 
-    async def commit_spool(self) -> None:
-        """Write what was spooled since the last commit. Batches that cannot be written
-        (a full disk, an unwritable path) are failed and reported instead, and the spool
-        is set aside (`spool_failed`)."""
-        spool = self.spool
-        if spool is None or not spool.dirty:
-            return
-        reasons, self._spooled_reasons = self._spooled_reasons, []
-        try:
-            await spool.commit()
-        except SpoolWriteError as exc:
-            events = [event for batch in exc.batches for event in batch.events]
-            if events:
-                with self._lock:
-                    self.spooled -= len(events)
-                    self.failed += len(events)
-                error = DeliveryError(f"could not write the spool {spool.path}: {exc}", events)
-                error.__cause__ = exc.__cause__
-                self.report(error)
-            self.spool_failed("write", exc)
-            return
-        for n, why in reasons:  # said only once they are on disk
-            logger.log(
-                logging.DEBUG if self._spool_logged else logging.WARNING,
-                "%d event(s) spooled to %s (%s); they are re-sent when a tracker next starts",
-                n,
-                spool.path,
-                why,
-            )
-            self._spool_logged = True
-
-    def unreadable_spill(self, batch: Batch, exc: BaseException) -> None:
-        """A batch spilled during an outage could not be read back: its row stays in the
-        spool (spooled, re-sent when a tracker next starts), and the failure is logged."""
-        logger.error(
-            "could not read back %d spilled event(s) from the spool (%s: %s); they stay "
-            "there and are re-sent when a tracker next starts",
-            batch.n,
-            type(exc).__name__,
-            exc,
-        )
-        self.settle(batch, Fate.SPOOLED)
-
-    def spool_failed(self, doing: str, exc: BaseException) -> None:
-        """The spool could not be opened, read or written: the tracker runs on without
-        writing to it (what could not be written is already reported). A file that could
-        not be read is let go of and moved aside (``<path>.unusable-<time>``), never
-        deleted, so that whatever it held is kept for a person to look at; one that could
-        not be written (a full disk) is still read back. Logged once at ERROR, and in
-        `stats`."""
-        spool = self.spool
-        if spool is None or (doing == "write" and not self.spool_writable):
-            return
-        self.spool_writable = False
-        where = ""
-        if doing != "write":
-            self.spool = None
-            aside = spool.set_aside()
-            where = f"; moved aside to {aside}" if aside else ""
-        self.spool_error = f"could not {doing} the spool {spool.path}: {exc}{where}"
-        logger.error("%s; running on without writing to a spool", self.spool_error)
-
-    def internal_error(self, where: str, exc: Exception) -> None:
-        """A bug caught in ``where``: counted, logged once (with its traceback) for each
-        place and kind of exception, later ones at DEBUG."""
-        kind = (where, type(exc))
-        with self._lock:
-            self.internal_errors += 1
-            seen = kind in self._internal_logged
-            self._internal_logged.add(kind)
-        logger.log(
-            logging.DEBUG if seen else logging.ERROR,
-            "internal error in the %s: %s: %s; the batches in hand are failed, and it goes on",
-            where,
-            type(exc).__name__,
-            exc,
-            exc_info=exc,
-        )
-
-    # -- reports --------------------------------------------------------------------------
-
-    def report(self, error: DeliveryError) -> None:
-        """Log the first failure of its kind at WARNING (a refused key at ERROR), later ones
-        at DEBUG, and hand ``error`` to on_error (what that raises is logged)."""
-        if self.endpoint and error.endpoint is None:
-            error.endpoint = self.endpoint
-        kind = (type(error), error.status)
-        with self._lock:
-            seen = kind in self._reported_kinds
-            self._reported_kinds.add(kind)
-        if seen:
-            level = logging.DEBUG
-        elif isinstance(error, AuthenticationError) or error.__cause__ is not None:
-            level = logging.ERROR  # every batch will fail alike, or a bug: say it loudly
-        else:
-            level = logging.WARNING
-        logger.log(level, "%d event(s) not delivered: %s", len(error.events), error)
-        if self._on_error is None:
-            return
-        local = self._in_on_error
-        if getattr(local, "active", False):  # on_error led here (it tracked after close)
-            logger.warning(
-                "%d event(s) failed while on_error ran (%s): not passed to on_error again",
-                len(error.events),
-                error,
-            )
-            return
-        local.active = True
-        started = time.perf_counter()
-        try:
-            self._on_error(error)
-        except Exception:
-            logger.exception("on_error raised; the error it was given is logged above")
-        finally:
-            local.active = False
-        self.slow_hook("on_error", time.perf_counter() - started)
-
-    def slow_hook(self, name: str, seconds: float) -> None:
-        """Log, once per hook, a call of ``name`` that took ``seconds`` if that is over
-        `SLOW_HOOK`: a hook runs on the tracker's loop, and holds every delivery."""
-        if seconds > SLOW_HOOK and name not in self._slow_hooks:
-            self._slow_hooks.add(name)
-            _log_slow_hook(name, seconds)
-
     # -- reads ----------------------------------------------------------------------------
-
-    async def restore(self, batch: Batch) -> None:
-        """Read a batch spilled during an outage back from the spool, to send it.
-
-        Raises:
-            LookupError: its row is gone, or the spool with it.
-        """
-        spool = self.spool
-        if spool is None or batch.spill_row is None:
-            raise LookupError(f"the spool holding {batch!r} was set aside")
-        body = await spool.read(batch.spill_row)
-        if body is None:
-            raise LookupError(f"spool row {batch.spill_row} of {batch!r} is gone")
-        batch.events, batch.body = decode_events(body), body
-        with self._lock:
-            batch.mem = memory_size(len(batch.body), batch.n)
-            self.held_bytes += batch.mem
 
     def stats(self, queued: int, queued_bytes: int = 0) -> Stats:
         """A snapshot that adds up, with ``queued`` events (reckoned at ``queued_bytes``
@@ -437,6 +373,17 @@ class Ledger:
                 internal_errors=self.internal_errors,
             )
 
+    def oldest(self, queued: int) -> tuple[int, int | None]:
+        """(events taken in so far but the ``queued`` ones, the sequence number of the
+        oldest unsettled event or None if nothing waits)."""
+        with self._lock:
+            first = next(iter(self._open), None)
+            if first is None and (queued or self.movers):  # queued, or being taken off
+                first = self.taken
+            # events being taken off the queue are neither queued nor counted yet: at
+            # least one more has arrived than is counted
+            return self.taken + (1 if self.movers else 0), first
+
     def settled_before(self, target: int) -> bool:
         """Whether every event with a sequence number below ``target`` is settled."""
         if self.taken < target:
@@ -456,6 +403,12 @@ class Ledger:
     def _release_waiters(self) -> None:
         if self._waiters:
             self.release_waiters(all_=False)
+        if self.windows.pending:
+            spool = self.spool
+            with self._lock:
+                done = self.windows.done(spool is not None and spool.dirty)
+            for window in done:
+                window.resolve()
 
     def release_waiters(self, all_: bool) -> None:
         """Wake the flush() calls whose events are settled (all of them: the run ended)."""
@@ -470,44 +423,12 @@ class Ledger:
         self._waiters = waiting
 
 
-#: The message of events still unsettled when the close deadline passed.
-UNSENT_AT_CLOSE = (
-    "the close deadline passed before these events were acknowledged "
-    "(they may or may not have reached the server)"
-)
-
-
-#: Seconds a before_send or on_error call may take before it is logged (once) as slow.
-SLOW_HOOK = 0.1
-
-
-def _log_slow_hook(name: str, seconds: float) -> None:
-    logger.warning(
-        "%s took %.3f s (more than %.1f s): it runs on the tracker's event loop and "
-        "holds every delivery meanwhile; keep it fast",
-        name,
-        seconds,
-        SLOW_HOOK,
-    )
-
-
-#: The message of events still unsettled at the close deadline that were never sent.
-NEVER_SENT_AT_CLOSE = (
-    "the close deadline passed before these events could be sent (no attempt reached the server)"
-)
-
-
-def shutdown_error(events: Sequence[Event], message: str = UNSENT_AT_CLOSE) -> ShutdownError:
-    return ShutdownError(message, events)
-
-
-def close_deadline_error(batch: Batch, outage: str = "") -> ShutdownError:
-    """The error of ``batch``, unsettled at the close deadline: whether it may have
-    reached the server depends on how its attempts ended; why it was not delivered
-    sooner is its last attempt's failure, or ``outage``'s cause (the endpoint was down)."""
-    message = UNSENT_AT_CLOSE if batch.maybe_sent else NEVER_SENT_AT_CLOSE
-    if outage:
-        message = f"{message}; the endpoint was down: {outage}"
-    elif batch.last_failure:
-        message = f"{message}; its last attempt: {batch.last_failure}"
-    return ShutdownError(message, batch.events)
+def _fate_index(fate: Fate, error: DeliveryError | None) -> int:
+    """Where a batch settled as ``fate`` (with ``error``) counts in a window."""
+    if fate is Fate.DELIVERED:
+        return DELIVERED
+    if fate is Fate.SPOOLED:
+        return SPOOLED
+    if fate is Fate.DROPPED:
+        return DROPPED
+    return UNSENT if isinstance(error, ShutdownError) else FAILED

@@ -17,6 +17,8 @@ import inspect
 import os
 import random
 import ssl as ssl_module
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -25,7 +27,7 @@ import aiohttp
 import anyio
 import msgspec
 
-from ._binding import LoopBinding, State
+from ._binding import LoopBinding, State, _running_loop
 from ._buffer import Buffer
 from ._config import (
     API_KEY_ENV,
@@ -46,6 +48,7 @@ from ._config import (
     DEFAULT_PROBE_MAX_DELAY,
     DEFAULT_RECOMMEND_CONNECTIONS,
     DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_STALL_TIMEOUT,
     Config,
     OnError,
     positive_float,
@@ -54,6 +57,7 @@ from ._config import (
 )
 from ._event import FAST_FAMILIES, STANDARD_FAMILIES, Event, build_event
 from ._exceptions import (
+    BlockingCallError,
     ConfigurationError,
     InvalidEventError,
     LehnzError,
@@ -63,6 +67,7 @@ from ._exceptions import (
 from ._flusher import Flusher
 from ._health import Destination
 from ._ledger import Ledger
+from ._marks import Mark, Receipt, Window
 from ._recommend import (
     Attribution,
     Recommendation,
@@ -73,6 +78,7 @@ from ._retry import RetryPolicy
 from ._spool import Spool
 from ._stats import Stats
 from ._transport import BatchTransport, CaptureTransport, Network, Transport
+from ._watchdog import WATCHDOG, Health, Watch, health_of, probe_of
 
 _CLOSED = "the tracker is closed; create a new Tracker to send more"
 
@@ -127,6 +133,9 @@ class Tracker:
             treats the endpoint as down (outage mode: hold events, probe, no batch gives
             up); None turns outage mode off.
         probe_max_delay: Most seconds between two probes during an outage.
+        stall_timeout: Seconds after which a tracker whose oldest event has waited that
+            long, with nothing delivered for as long, is *stalled*: logged once at ERROR
+            with what it sees, and ``down`` in `health()`. None turns the watchdog off.
         proxy: An HTTP proxy URL for every request (``http://proxy:3128``).
         trust_env: Honour ``HTTP_PROXY``, ``HTTPS_PROXY`` and ``NO_PROXY`` (default).
         ssl: An `ssl.SSLContext` (a private CA, client certificates); certificates are
@@ -190,6 +199,7 @@ class Tracker:
         max_event_age: float | None = DEFAULT_MAX_EVENT_AGE,
         outage_grace: float | None = DEFAULT_OUTAGE_GRACE,
         probe_max_delay: float = DEFAULT_PROBE_MAX_DELAY,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
         session: aiohttp.ClientSession | None = None,
         proxy: str | None = None,
         trust_env: bool = True,
@@ -218,6 +228,7 @@ class Tracker:
             max_event_age=max_event_age,
             outage_grace=outage_grace,
             probe_max_delay=probe_max_delay,
+            stall_timeout=stall_timeout,
             proxy=proxy,
             trust_env=trust_env,
             ssl=ssl,
@@ -277,8 +288,11 @@ class Tracker:
             self._recommender.transport.close,
             config.exit_timeout,
         )
+        self._watch = watch_of(self)
 
     def _make_flusher(self, replay_spool: bool) -> Flusher:
+        if self._watch is not None:
+            WATCHDOG.ensure_running()  # first run, or the first in a forked child
         return Flusher(
             self._config,
             self._buffer,
@@ -305,6 +319,7 @@ class Tracker:
         """A tracker for the deterministic simulation: an in-memory transport and spool,
         seeded jitter, and a run that lost its loop resumes on the next loop that calls
         in (never in a thread of its own). Not public API."""
+        options.setdefault("stall_timeout", None)  # a real-time watchdog: not on virtual time
         tracker = cls("lehnz_pk_simulation", **options)
         tracker._transport = transport
         tracker._ledger.spool = spool
@@ -574,8 +589,41 @@ class Tracker:
     ) -> None:
         self.close()
 
-    async def flush(self, timeout: float | None = None) -> None:
-        """Return once every event tracked before this call is delivered or reported.
+    def mark(self) -> Mark:
+        """Mark the events tracked so far, to learn what becomes of them, without
+        sending anything sooner: ``await mark.settled()`` returns a `Receipt` of the
+        *window* this mark ends, the events tracked since the previous ``mark()`` or
+        ``flush()`` of this tracker (or since it started). Cheap, any thread; a worker
+        acknowledges its source messages once ``receipt.ok_to_ack``.
+
+        Called from another thread while the flusher is taking events off the queue,
+        it waits for that to finish (microseconds, or a ``before_send`` call), so that
+        the window holds exactly the events tracked before it.
+        """
+        return Mark(self._close_window(), self._start_for_mark)
+
+    def _close_window(self) -> Window:
+        ledger, buffer, binding = self._ledger, self._buffer, self._binding
+        inside = threading.get_ident() == binding._loop_thread
+        while (window := ledger.close_window(lambda: buffer.queued, inside)) is None:
+            time.sleep(0.0001)
+        return window
+
+    def _start_for_mark(self, blocking: bool) -> None:
+        binding = self._binding
+        if binding.closing:
+            return
+        loop = binding.serving_loop()
+        if blocking and _running_loop() is loop:
+            raise BlockingCallError(
+                "settled_sync() was called on the event loop that runs the tracker, where "
+                "it would wait forever; await mark.settled() instead"
+            )
+
+    async def flush(self, timeout: float | None = None) -> Receipt:
+        """Send what is queued at once, and return once every event tracked before this
+        call is settled, with the `Receipt` of the events tracked since the previous
+        `mark()` or ``flush()`` (or since the tracker started).
 
         Partial batches are sent at once instead of waiting for ``flush_interval``.
         During an outage nothing gives up, so without a ``timeout`` this waits until the
@@ -586,31 +634,34 @@ class Tracker:
             TimeoutError: not everything settled within ``timeout`` seconds (the events
                 stay queued and in flight: nothing is given up).
         """
+        if timeout is not None:
+            positive_float("timeout", timeout)
+        mark = self.mark()
         binding = self._binding
-        if binding.closing:
-            return
-        if timeout is None:
-            await binding.on_loop(binding.flush)
-            return
-        positive_float("timeout", timeout)
         try:
             with anyio.fail_after(timeout):
-                await binding.on_loop(binding.flush)
+                if not binding.closing:
+                    await binding.on_loop(binding.flush)
+                return await mark.settled()
         except TimeoutError:
             raise TimeoutError(
                 f"flush() did not settle everything within {timeout} s ({self.stats})"
             ) from None
 
-    def flush_sync(self, timeout: float | None = None) -> None:
+    def flush_sync(self, timeout: float | None = None) -> Receipt:
         """The blocking form of `flush()`, for code that runs no event loop.
 
         Raises:
             TimeoutError: not everything settled within ``timeout`` seconds.
             BlockingCallError: called on the loop that runs the tracker.
         """
+        mark = self.mark()
         binding = self._binding
+        started = time.monotonic()
         if not binding.closing:
             binding.block_on_loop(binding.flush, timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return mark.settled_sync(left)
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Send what is queued, wait for it to settle, then release the HTTP sessions.
@@ -646,6 +697,19 @@ class Tracker:
         buffer = self._buffer
         return self._ledger.stats(buffer.queued, buffer.queued_bytes)
 
+    def health(self) -> Health:
+        """Whether delivery works: ``ok``, ``degraded`` (delivering, but events were
+        lost in the last minute, or the spool was set aside) or ``down`` (closed, in an
+        outage, or stalled: see ``stall_timeout``), with the reason, the age of the last
+        2xx and the backlog. Cheap, any thread; made for a readiness probe."""
+        return health_of(
+            self._watch,
+            self._ledger,
+            self._buffer,
+            self._destination,
+            self._binding.state is State.CLOSED,
+        )
+
     @property
     def captured(self) -> list[Event]:
         """With ``capture=True``: the events "sent" so far, in order (flush() first).
@@ -674,3 +738,15 @@ _init = inspect.signature(Tracker.__init__)
 _SIGNATURE = _init.replace(parameters=[p for p in _init.parameters.values() if p.name != "self"])
 setattr(Tracker, "__signature__", _SIGNATURE)  # noqa: B010  (mypy does not know it)
 _OPTIONS = frozenset(_SIGNATURE.parameters)
+
+
+def watch_of(tracker: Tracker) -> Watch | None:
+    """The tracker's stall watch, registered with the watchdog (None: turned off)."""
+    timeout = tracker._config.stall_timeout
+    if timeout is None:
+        return None
+    probe = probe_of(tracker._ledger, tracker._buffer, tracker._binding, tracker._destination)
+    # events wait up to flush_interval in the queue by design: never call that a stall
+    watch = Watch(max(timeout, 2 * tracker._config.flush_interval), tracker._ledger, probe)
+    WATCHDOG.watch(watch)
+    return watch

@@ -27,6 +27,9 @@ instrument                                  kind, unit          attributes
 ``lehnz.sdk.exporter.request.inflight``     up-down, {request}  requests under way
 ``lehnz.sdk.exporter.outage``               up-down, 1          1 during an outage
 ``lehnz.sdk.exporter.outages``              counter, {outage}   outages so far
+``lehnz.sdk.exporter.stalled``              gauge, s            seconds the tracker has been
+                                                                stalled (``stall_timeout``),
+                                                                0 when it is not
 ``lehnz.sdk.exporter.operation.duration``   histogram, s        ``http.response.status_code``
                                                                 or ``error.type``
 ==========================================  ==================  =========================
@@ -116,6 +119,14 @@ class Instrumentation:
                 description="Outages of the ingestion endpoint so far",
             ),
         ]
+        self._instruments.append(
+            meter.create_observable_gauge(
+                "lehnz.sdk.exporter.stalled",
+                [lambda _: [Observation(tracker.health().stalled_for, self._attrs)]],
+                unit="s",
+                description="Seconds nothing was delivered while events waited (0: not stalled)",
+            )
+        )
         for name, unit, description, read in gauges:
             self._instruments.append(
                 meter.create_observable_up_down_counter(

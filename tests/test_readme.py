@@ -20,7 +20,7 @@ EXAMPLES = dict(
 
 
 def test_the_readme_has_its_examples() -> None:
-    assert {"use", "worker", "attribution", "user-test"} <= set(EXAMPLES)
+    assert {"use", "worker", "attribution", "user-test", "receipts"} <= set(EXAMPLES)
 
 
 async def run_example(name: str, server: ReferenceServer) -> str:
@@ -37,6 +37,15 @@ async def test_use(server: ReferenceServer) -> None:
     assert [e["event_name"] for e in server.events] == [
         "view", "purchase", "wishlist", "identify", "view",
     ]  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_receipts(server: ReferenceServer) -> None:
+    out = await run_example("receipts", server)
+    assert "Receipt(events=500, delivered=500, failed=0, dropped=0, filtered=0" in out
+    assert "acknowledge the messages of this read" in out
+    assert "Health(status='ok', reason=''" in out
+    assert len(server.events) == 500
 
 
 @pytest.mark.anyio

@@ -30,6 +30,7 @@ UNMARKED = {
     "from lehnz_async import Tracker": "test_the_otel_block_instruments_a_tracker",
     "import ssl": "test_the_proxy_and_tls_block_makes_its_trackers",
     'await server.outage("refuse", 2.0)': "test_the_outage_fragment_runs_against_a_server",
+    '@app.get("/ready")': "test_the_readiness_route_answers_503_when_down",
 }
 
 
@@ -109,3 +110,20 @@ async def test_the_outage_fragment_runs_against_a_server(server: ReferenceServer
     assert all(o.end is not None for o in outages) and not server.is_down
     assert server.faults.proxy_body_limit == 64_000
     assert nginx_page(413).startswith(b"<html>")
+
+
+@pytest.mark.anyio
+async def test_the_readiness_route_answers_503_when_down(server: ReferenceServer) -> None:
+    from fastapi import FastAPI, Response
+    from fastapi.testclient import TestClient
+
+    lehnz_tracker = Tracker(server.api_key, endpoint=server.url)
+    app = FastAPI()
+    namespace: dict[str, Any] = {"app": app, "Response": Response, "lehnz_tracker": lehnz_tracker}
+    exec(unmarked('@app.get("/ready")'), namespace)
+    client = TestClient(app)
+    ok = client.get("/ready")
+    assert ok.status_code == 200 and ok.json()["status"] == "ok"
+    await lehnz_tracker.aclose()
+    down = client.get("/ready")
+    assert down.status_code == 503 and down.json()["reason"] == "the tracker is closed"

@@ -194,8 +194,7 @@ class TrackerMachine(RuleBasedStateMachine):
             self.sim.transport.faults = {}  # a flush that must return
             self.run(self.sim.flush_once())
         else:
-            with contextlib.suppress(TimeoutError):
-                self.run(asyncio.wait_for(self.sim.tracker.flush(), cancel_after))
+            self.run(self.sim.cancelled_flush(cancel_after))
 
     @precondition(lambda self: not self.closed)
     @rule()

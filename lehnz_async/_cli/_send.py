@@ -20,6 +20,7 @@ from .._exceptions import (
     EncodeError,
     RejectedError,
 )
+from .._marks import Receipt
 from .._tracker import Tracker
 from ._lines import (
     _BOM,
@@ -164,7 +165,7 @@ class _Import:
         self.lines = self.blank = self.bad = self.skipped = 0
         self.unsent: list[int] = []  # lines whose events failed for a passing reason
         self.settled = 0  # every line up to it is settled in this run
-        self.pending: collections.deque[tuple[asyncio.Task[None], _Chunk]] = collections.deque()
+        self.pending: collections.deque[tuple[asyncio.Task[Receipt], _Chunk]] = collections.deque()
         self.lost_track = False  # an event that could not be traced to its line
         self.interrupted = asyncio.Event()
         self.hurried = False
