@@ -222,6 +222,7 @@ def one_round(
     env = {**os.environ, "LEHNZ_API_KEY": KEY, "LEHNZ_ENDPOINT": server.endpoint}
     url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
     args = ["--redis", url, "--stream", stream, "--group", group, "--ack-mode", mode]
+    args += options.worker_option
     workers = [
         Worker(
             [*args, "--consumer", f"w{n}", "--block", "0.2"], env, directory / f"{label}-w{n}.log"
@@ -286,6 +287,13 @@ def main() -> int:
         help="seconds the reference server adds before each answer (an endpoint farther "
         "away than loopback)",
     )
+    parser.add_argument(
+        "--worker-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="pass this to every worker, e.g. --worker-option=--windows=4 (repeatable)",
+    )
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
     parser.add_argument("--serve-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep", type=int, default=100_000, help=argparse.SUPPRESS)
@@ -327,6 +335,7 @@ def main() -> int:
             "redis_py": redis.__version__,
             "parser": "hiredis" if importlib.util.find_spec("hiredis") else "pure Python",
             "latency": options.latency,
+            "worker_options": options.worker_option,
             "cpus": os.cpu_count(),
             "seconds": time.monotonic() - began,
         },

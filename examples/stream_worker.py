@@ -18,9 +18,12 @@ How a message is acknowledged (``--ack-mode mark``, the default):
    pending entries list (PEL) under this consumer's name until it is ``XACK``ed.
 2. Each message is tracked (``track()`` is a plain call: it queues the event), then
    ``tracker.mark()`` closes the *window* of events tracked since the previous mark. It
-   forces no send: the tracker goes on filling full batches at its own pace.
+   forces no send, but no batch spans two windows: hence reads of about a batch (500).
+   When a read finds the stream idle, ``flush()`` sends the partial batch at once
+   instead of after the tracker's ``flush_interval``.
 3. A separate task awaits ``mark.settled()``: a `lehnz_async.Receipt` once every event of
-   the window is delivered, failed for good, dropped, spooled or given up at close. Only
+   the window is delivered, failed for good, dropped, filtered by ``before_send``, spooled
+   or given up at close. Only
    if ``receipt.ok_to_ack`` (nothing dropped, nothing given up unacknowledged) does it
    ``XACK`` the window's messages; otherwise it logs why and leaves them pending, and
    Redis gives them to a consumer again (below). Events that *failed for good* (the
@@ -54,7 +57,10 @@ Options come from the command line, or else from the environment: ``--redis``
 (``STREAM_WORKER_REDIS``), ``--stream`` (``STREAM_WORKER_STREAM``), ``--group``
 (``STREAM_WORKER_GROUP``), ``--consumer`` (``STREAM_WORKER_CONSUMER``, default
 ``<host>-<pid>``), ``--endpoint`` (``LEHNZ_ENDPOINT``), ``--api-key`` (``LEHNZ_API_KEY``).
-Needs ``pip install redis`` (redis-py ≥ 5) and Redis ≥ 6.2 (``XAUTOCLAIM``).
+Needs ``pip install redis`` (redis-py ≥ 5) and Redis ≥ 6.2 (``XAUTOCLAIM``). For
+throughput, ``pip install 'redis[hiredis]'``: reading three-field messages 500 at a time,
+redis-py's pure-Python reply parser took 42 µs of CPU a message here, hiredis 3 µs (a
+``track()`` call is under 1 µs).
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import StreamIdT
 
-from lehnz_async import DeliveryError, InvalidEventError, Receipt, Tracker
+from lehnz_async import DeliveryError, InvalidEventError, Mark, Receipt, Tracker
 
 log = logging.getLogger("stream_worker")
 
@@ -128,8 +134,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         "--count",
         type=int,
         default=500,
-        help="messages per read (a window); keep --count times --windows at several batches "
-        "(500 events each), or windows wait for the tracker's flush_interval",
+        help="messages per read: a window, and so at most a batch (500 events at most)",
     )
     parser.add_argument("--windows", type=int, default=8, help="most windows outstanding")
     parser.add_argument("--flush-every", type=int, default=500, help="--ack-mode flush only")
@@ -156,7 +161,7 @@ class Window:
 
     ids: list[str]  # every message of the window: what to XACK
     read_at: float  # loop.time() of the read
-    receipt: asyncio.Future[Receipt]  # mark.settled(), awaited by the acker
+    mark: Mark  # the end of the window's events in the tracker
 
 
 @dataclass
@@ -326,9 +331,8 @@ class StreamWorker:
         if not messages:
             return
         ids = self.track(messages)
-        mark = self.tracker.mark()  # cheap, sync: forces no send
-        receipt = asyncio.ensure_future(mark.settled())
-        self.outstanding.append(Window(ids, asyncio.get_running_loop().time(), receipt))
+        mark = self.tracker.mark()  # cheap, no await; it forces no send
+        self.outstanding.append(Window(ids, asyncio.get_running_loop().time(), mark))
         self.held.update(ids)
         self.counters.windows += 1
         self.work.set()
@@ -336,23 +340,39 @@ class StreamWorker:
     # -- acknowledging -----------------------------------------------------------------
 
     async def ack_loop(self) -> None:
-        """Conclude the windows in the order they were read: XACK each one's messages if
-        its receipt says ok_to_ack, else leave them pending."""
+        """Conclude the windows in the order they were read: once the oldest has settled,
+        it and every later one settled by then, in one XACK."""
         while self.outstanding or not (self.stopping and self.tracker.closed):
             if not self.outstanding:
                 self.work.clear()
                 await self.work.wait()
                 continue
-            window = self.outstanding[0]
             # No timeout needed: while we wait, keep_claims() keeps the messages ours.
-            await self.conclude(window.ids, await window.receipt)
-            self.outstanding.popleft()
-            self.held.difference_update(window.ids)
+            await self.outstanding[0].mark.settled()
+            settled: list[Window] = []
+            while self.outstanding and self.outstanding[0].mark.done:
+                settled.append(self.outstanding.popleft())
+            await self.acknowledge([(w.ids, await w.mark.settled()) for w in settled])
+            for window in settled:
+                self.held.difference_update(window.ids)
             self.room.set()
 
-    async def conclude(self, ids: list[str], receipt: Receipt) -> None:
-        o = self.options
-        if receipt.ok_to_ack:
+    async def acknowledge(self, windows: list[tuple[list[str], Receipt]]) -> None:
+        """XACK the messages of the windows whose receipt says ok_to_ack (one command);
+        leave the others' pending, to be delivered again."""
+        ok: list[str] = []
+        for ids, receipt in windows:
+            if not receipt.ok_to_ack:
+                log.warning(
+                    "leaving %d messages pending for redelivery: of their %d events %d were "
+                    "dropped and %d given up at close",
+                    len(ids),
+                    receipt.events,
+                    receipt.dropped,
+                    receipt.unsent,
+                )
+                self.counters.left_pending += len(ids)
+                continue
             if receipt.failed:
                 log.warning(
                     "%d of %d events failed for good (on_error has them): acknowledged, "
@@ -360,18 +380,10 @@ class StreamWorker:
                     receipt.failed,
                     receipt.events,
                 )
-            await self.redis.xack(o.stream, o.group, *ids)
-            self.counters.acked += len(ids)
-        else:
-            log.warning(
-                "leaving %d messages pending for redelivery: of their %d events %d were "
-                "dropped (queue full) and %d given up at close",
-                len(ids),
-                receipt.events,
-                receipt.dropped,
-                receipt.unsent,
-            )
-            self.counters.left_pending += len(ids)
+            ok += ids
+        if ok:
+            await self.redis.xack(self.options.stream, self.options.group, *ok)
+            self.counters.acked += len(ok)
 
     async def keep_claims(self) -> None:
         """Every third of --min-idle, reset the idle time of the messages this live worker
@@ -406,10 +418,10 @@ class StreamWorker:
                 messages = await self.read_new()
             ids += self.track(messages)
             if len(ids) >= self.options.flush_every or (ids and not messages):
-                await self.conclude(ids, await self.tracker.flush())
+                await self.acknowledge([(ids, await self.tracker.flush())])
                 ids = []
         if ids:  # read before the stop
-            await self.conclude(ids, await self.tracker.flush())
+            await self.acknowledge([(ids, await self.tracker.flush())])
 
     def summary(self) -> str:
         c = self.counters
