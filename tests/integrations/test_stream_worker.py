@@ -132,16 +132,24 @@ async def test_a_worker_killed_halfway_duplicates_only_its_unacknowledged_messag
             started = time.monotonic() - began
             ids = await fill(client, MESSAGES)
 
-            # Halfway: SIGKILL w1 (no code of it runs: what it holds is lost), then read
-            # at once what it had read and not acknowledged.
+            # Halfway: SIGKILL w1 (no code of it runs: what it holds is lost). It is
+            # frozen first (SIGSTOP), so that what it had read and not acknowledged can be
+            # read at the moment it dies, and caught holding some: it may have just
+            # acknowledged everything it had read, then it is let run on a moment.
             await server.wait_for(lambda: len(server.events) >= MESSAGES // 2, TIMEOUT)
             killed_at, killed_after = len(server.events), time.monotonic() - began
+            for _ in range(100):
+                os.killpg(victim.process.pid, signal.SIGSTOP)
+                await asyncio.sleep(0.05)  # what it sent before is applied first
+                pending = await client.xpending_range(
+                    STREAM, GROUP, "-", "+", MESSAGES, consumername="w1"
+                )
+                if pending:
+                    break
+                os.killpg(victim.process.pid, signal.SIGCONT)
+                await asyncio.sleep(0.01)
             os.killpg(victim.process.pid, signal.SIGKILL)
             await asyncio.wait_for(victim.process.wait(), TIMEOUT)
-            await asyncio.sleep(0.05)  # an XACK it sent just before is applied first
-            pending = await client.xpending_range(
-                STREAM, GROUP, "-", "+", MESSAGES, consumername="w1"
-            )
             unacked = {entry["message_id"] for entry in pending}
             oldest = max((entry["time_since_delivered"] for entry in pending), default=0)
             # Nobody could have claimed any of them yet (else this list would be short)
@@ -182,7 +190,7 @@ async def test_a_worker_killed_halfway_duplicates_only_its_unacknowledged_messag
     assert consumers["w1"] == len(duplicates), consumers
     # The kill left messages behind (else the claim path went untested), and the
     # survivors claimed every one of them: the group has nothing pending.
-    assert unacked, "w1 held nothing unacknowledged when it was killed"
+    assert unacked, f"w1 held nothing unacknowledged when killed:\n{victim.text[-3000:]}"
     assert sum(s["claimed"] for s in survivors) >= len(unacked), survivors
     assert sum(s["acked"] for s in survivors) >= MESSAGES - len(by_victim), survivors
     assert all(s["left_pending"] == 0 and s["invalid"] == 0 for s in survivors), survivors
