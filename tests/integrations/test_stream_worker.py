@@ -8,6 +8,7 @@ killed worker had sent but not yet acknowledged: the ones in its pending entries
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ import redis.asyncio
 
 from lehnz_async.testing import ReferenceServer
 
-from ..conftest import run_python
+from ..conftest import run_process, run_python
 from ..test_readme import EXAMPLES
 from ._procs import ROOT, Proc, free_port, report, spawn, tracker_env
 
@@ -41,6 +42,7 @@ pytestmark = [
 ]
 
 WORKER = ROOT / "examples" / "stream_worker.py"
+BENCHMARK = ROOT / "benchmarks" / "stream_worker.py"
 #: The issue's figure; LEHNZ_STREAM_MESSAGES=... for a quicker or a longer run.
 MESSAGES = int(os.environ.get("LEHNZ_STREAM_MESSAGES", "100000"))
 STREAM, GROUP = "events", "lehnz"
@@ -229,3 +231,14 @@ async def test_the_readme_consumer_group_example(server: ReferenceServer, redis_
         assert (await client.xpending("orders", "lehnz"))["pending"] == 0
     finally:
         await client.aclose()
+
+
+async def test_the_benchmark_runs_both_modes() -> None:
+    """benchmarks/stream_worker.py, tiny, so that it cannot rot: it checks itself that
+    every message reached its server once and was acknowledged."""
+    args = ("--messages", "2000", "--workers", "1", "--rounds", "1", "--json")
+    code, out, err = await run_process(str(BENCHMARK), *args, timeout=TIMEOUT)
+    assert code == 0, err
+    result = json.loads(out)
+    assert [run["mode"] for run in result["runs"]] == ["mark", "flush"], result
+    assert all(run["messages_per_s"] > 0 for run in result["runs"]), result
