@@ -62,13 +62,12 @@ class LoopBinding:
             to it.
         close_sessions: Awaited on the loop at the end of a close.
         exit_timeout: Seconds the exit hook gives a tracker that was never closed.
+        clock: Marks the close deadline from the closing thread (`_seams`).
+        resume_in_thread: Whether a run that lost its loop resumes at once on a loop
+            thread of its own (as in production, while threads can still be started) or
+            waits for the next call from a running loop (the deterministic simulation,
+            where a thread would let real time in).
     """
-
-    #: Whether a run that lost its loop resumes at once on a loop thread of its own (as
-    #: in production, while threads can still be started) or waits for the next call
-    #: from a running loop (the deterministic simulation, where a thread would let real
-    #: time in).
-    resume_in_thread = True
 
     def __init__(
         self,
@@ -78,6 +77,8 @@ class LoopBinding:
         forget_sessions: Callable[[], None],
         close_sessions: Callable[[], Coroutine[Any, Any, None]],
         exit_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        resume_in_thread: bool = True,
     ) -> None:
         if _gevent.threading_patched() and (why := _gevent.check_version()) is not None:
             raise ConfigurationError(why)
@@ -90,6 +91,8 @@ class LoopBinding:
         self._forget_sessions = forget_sessions
         self._close_sessions = close_sessions
         self._exit_timeout = exit_timeout
+        self._clock = clock
+        self.resume_in_thread = resume_in_thread
         self._lock = threading.RLock()  # state changes, from any thread
         self._loop_thread = 0  # threading.get_ident() of the loop's thread
         self._own_loop: LoopThread | None = None  # where no loop of the program runs
@@ -300,7 +303,7 @@ class LoopBinding:
         blocks it) when it comes: the flusher reads it between hook calls."""
         flusher = self.flusher
         if flusher is not None:
-            flusher.deadline_at = min(flusher.deadline_at, time.monotonic() + timeout)
+            flusher.deadline_at = min(flusher.deadline_at, self._clock() + timeout)
 
     def _hurry(self) -> None:
         if self.flusher is not None:

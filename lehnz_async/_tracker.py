@@ -28,8 +28,6 @@ import msgspec
 from ._binding import LoopBinding, State
 from ._buffer import Buffer
 from ._config import (
-    API_KEY_ENV,
-    CAPTURE_API_KEY,
     DEFAULT_ATTRIBUTION_MAX_USERS,
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_EXIT_TIMEOUT,
@@ -49,8 +47,6 @@ from ._config import (
     Config,
     OnError,
     positive_float,
-    resolve_api_key,
-    resolve_endpoint,
 )
 from ._event import FAST_FAMILIES, STANDARD_FAMILIES, Event, build_event
 from ._exceptions import (
@@ -70,6 +66,7 @@ from ._recommend import (
     resolve_recommend_url,
 )
 from ._retry import RetryPolicy
+from ._seams import Seams, loop_clock
 from ._spool import Spool
 from ._stats import Stats
 from ._transport import BatchTransport, CaptureTransport, Network, Transport
@@ -127,6 +124,8 @@ class Tracker:
             treats the endpoint as down (outage mode: hold events, probe, no batch gives
             up); None turns outage mode off.
         probe_max_delay: Most seconds between two probes during an outage.
+        session: An `aiohttp.ClientSession` to use instead of the tracker's own; the
+            tracker never closes it.
         proxy: An HTTP proxy URL for every request (``http://proxy:3128``).
         trust_env: Honour ``HTTP_PROXY``, ``HTTPS_PROXY`` and ``NO_PROXY`` (default).
         ssl: An `ssl.SSLContext` (a private CA, client certificates); certificates are
@@ -138,8 +137,6 @@ class Tracker:
             in track()): return it (edited or replaced) to send it, or None to drop it
             (counted, reason ``before_send``). If it raises, the event is not sent and is
             reported to ``on_error`` with the exception as the cause.
-        session: An `aiohttp.ClientSession` to use instead of the tracker's own; the
-            tracker never closes it.
         capture: Record batches in memory instead of sending them, for tests: see
             `captured` and `lehnz_async.testing.assert_tracked`. Everything but the HTTP
             runs for real; no key is needed.
@@ -201,70 +198,55 @@ class Tracker:
         attribution_ttl: float | None = None,
         attribution_max_users: int = DEFAULT_ATTRIBUTION_MAX_USERS,
     ) -> None:
-        if capture and api_key is None and not os.environ.get(API_KEY_ENV):
-            api_key = CAPTURE_API_KEY
-        self._config = config = Config(
-            api_key=resolve_api_key(api_key),
-            retry=RetryPolicy() if retry is None else retry,
-            endpoint=resolve_endpoint(endpoint),
-            max_batch_size=max_batch_size,
-            max_batch_bytes=max_batch_bytes,
-            flush_interval=flush_interval,
-            max_concurrent_requests=max_concurrent_requests,
-            request_timeout=request_timeout,
-            max_queue_size=max_queue_size,
-            max_buffer_bytes=max_buffer_bytes,
-            max_spool_bytes=max_spool_bytes,
-            max_event_age=max_event_age,
-            outage_grace=outage_grace,
-            probe_max_delay=probe_max_delay,
-            proxy=proxy,
-            trust_env=trust_env,
-            ssl=ssl,
-            compression=compression,
-            before_send=before_send,
-            close_timeout=close_timeout,
-            exit_timeout=exit_timeout,
-            overflow=overflow,
-            spool_path=None if spool_path is None else os.fspath(spool_path),
-            attribution_ttl=attribution_ttl,
-            attribution_max_users=attribution_max_users,
-            on_error=on_error,
-        )
-        spool = None if config.spool_path is None else Spool(config.spool_path)
+        # Config declares every option, with its checks: it takes the arguments as given
+        options = dict(locals())
+        del options["self"]
+        self._assemble(Config(**options), Seams())
+
+    def _assemble(self, config: Config, seams: Seams) -> None:
+        """Make the engine's parts from the options and the seams (`_seams`), each part
+        given, as it is made, the seams it uses."""
+        self._config = config
+        spool = seams.spool
+        if spool is None and config.spool_path is not None:
+            spool = Spool(config.spool_path)
         self._ledger = ledger = Ledger(config.on_error, spool)
-        ledger.endpoint = "capture" if capture else config.endpoint
+        ledger.endpoint = "capture" if config.capture else config.endpoint
         self._buffer = buffer = Buffer(config, ledger)
         # the hot path's handles on the buffer (the same deque for the tracker's life)
         self._events = buffer.events
         self._append = buffer.append
-        self._capture = CaptureTransport() if capture else None
+        self._capture = CaptureTransport() if config.capture else None
+        given = seams.transport or self._capture  # serves recommend() too
         network = Network(config.proxy, config.trust_env, config.ssl, config.compression)
-        self._transport: BatchTransport = self._capture or Transport(
+        self._transport: BatchTransport = given or Transport(
             config.endpoint,
             config.api_key,
             config.request_timeout,
             config.max_concurrent_requests,
-            session,
+            config.session,
             network,
         )
-        self._rng = random.Random()
+        self._rng = seams.rng
+        self._clock = seams.clock
         self._destination = Destination(config.outage_grace, config.probe_max_delay, ledger)
         attribution = None
         if config.attribution_ttl is not None:
-            attribution = Attribution(config.attribution_ttl, config.attribution_max_users)
+            attribution = Attribution(
+                config.attribution_ttl, config.attribution_max_users, seams.clock
+            )
             # attribution only costs the trackers that turn it on: the plain track()
             # stays as it is, this instance's is a wrapper that fills recommendation_id
             setattr(self, "track", self._track_attributed)  # noqa: B010
         self._recommender = Recommender(
-            resolve_recommend_url(recommend_endpoint, config.endpoint),
-            self._capture
+            resolve_recommend_url(config.recommend_endpoint, config.endpoint),
+            given
             or Transport(
                 config.endpoint,
                 config.api_key,
                 config.request_timeout,
                 DEFAULT_RECOMMEND_CONNECTIONS,
-                session,
+                config.session,
                 Network(config.proxy, config.trust_env, config.ssl),  # answers: no gzip
             ),
             attribution,
@@ -276,6 +258,8 @@ class Tracker:
             self._forget_sessions,
             self._recommender.transport.close,
             config.exit_timeout,
+            seams.clock,
+            seams.resume_in_thread,
         )
 
     def _make_flusher(self, replay_spool: bool) -> Flusher:
@@ -287,11 +271,20 @@ class Tracker:
             self._rng,
             replay_spool,
             self._destination,
+            self._clock,
         )
 
     def _forget_sessions(self) -> None:
         self._transport.forget_session()
         self._recommender.transport.forget_session()
+
+    @classmethod
+    def _from_seams(cls, seams: Seams, **options: Any) -> Tracker:
+        """A tracker whose engine is made with ``seams`` (`_seams`), given the options of
+        `Tracker()` by name, checked as there. Not public API."""
+        tracker = cls.__new__(cls, **options)  # refuses an option that does not exist
+        tracker._assemble(Config(**options), seams)
+        return tracker
 
     @classmethod
     def _simulated(
@@ -302,15 +295,13 @@ class Tracker:
         spool: Spool | None = None,
         **options: Any,
     ) -> Tracker:
-        """A tracker for the deterministic simulation: an in-memory transport and spool,
-        seeded jitter, and a run that lost its loop resumes on the next loop that calls
-        in (never in a thread of its own). Not public API."""
-        tracker = cls("lehnz_pk_simulation", **options)
-        tracker._transport = transport
-        tracker._ledger.spool = spool
-        tracker._rng = rng
-        tracker._binding.resume_in_thread = False
-        return tracker
+        """A tracker for the deterministic simulation: an in-memory transport (which
+        answers recommend() too) and spool (`lehnz_async.testing.MemorySpool`), seeded
+        jitter, the running loop's (virtual) time as its clock, and a run that lost its
+        loop resumes on the next loop that calls in (never in a thread of its own). Not
+        public API."""
+        seams = Seams(transport, spool, rng, loop_clock, resume_in_thread=False)
+        return cls._from_seams(seams, api_key="lehnz_pk_simulation", **options)
 
     # -- the hot path -------------------------------------------------------------------
 

@@ -289,9 +289,9 @@ class BugOnProbe:
 
 
 def probe_bug_run() -> tuple[Sim, BugOnProbe]:
-    sim = scripted(outage_grace=0.5, probe_max_delay=1.0)
-    bug = BugOnProbe(sim)
-    sim.tracker._transport = bug  # type: ignore[assignment]
+    sim = scripted(outage_grace=0.5, probe_max_delay=1.0, transport=BugOnProbe)
+    bug = sim.tracker._transport
+    assert isinstance(bug, BugOnProbe)
 
     async def main() -> None:
         async with sim.tracker:
