@@ -20,11 +20,19 @@ computed. docs/app_overhead.md explains the figures and has a run.
 
 Output: a markdown report on stdout (progress on stderr), every raw figure as JSON
 (``--json``) and a bar chart of the CPU overhead (``--png``, matplotlib).
+
+Diagnostics (each perturbs the app a little; compare its runs with each other only):
+``--task-cpu`` times the steps of the client's own tasks on the app's loop (CPU time),
+``--py-spy DIR`` samples each app's window with ``py-spy record --native``, and
+``--candidate DIR`` adds a variant importing lehnz_async from ``DIR/lehnz_async`` (a
+modified engine), alternated with the installed one. ``--from-json FILE`` prints the
+report (and draws the chart) of an earlier run.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
 import gc
@@ -54,6 +62,9 @@ from drivers import LEHNZ_KEY, LEHNZ_PATH, SINK_SCRIPT, SinkClient, git_commit  
 
 LIBRARIES = ("lehnz_async", "segment", "posthog", "posthog_async")
 VARIANTS = ("none", *LIBRARIES)
+#: lehnz_async imported from the directory given with --candidate (a modified engine,
+#: run alternately with the installed one): an A/B of an engine change
+CANDIDATE = "candidate"
 #: Modules each variant needs (the peers are in benchmarks/requirements.txt only).
 REQUIRES = {
     "none": (),
@@ -61,6 +72,7 @@ REQUIRES = {
     "segment": ("segment",),
     "posthog": ("posthog",),
     "posthog_async": ("posthog", "httpx"),
+    CANDIDATE: (),
 }
 APP_CPU, LOAD_CPU = 0, 1
 EVENT_NAMES = ("view", "click", "view", "add_to_cart", "view", "purchase")
@@ -80,12 +92,17 @@ class Options(NamedTuple):
     connections: int = 32
     loadgen: str = "auto"  # auto (wrk if on PATH), wrk, python
     nones: int = 2  # runs of "none" per round
-    check: bool = False  # exit 1 unless every lehnz_async event arrived and no load error
+    check: bool = False  # exit 1 if a check fails (else the failures are only printed)
+    py_spy: str | None = None  # a directory: py-spy samples each app during its window
+    task_cpu: bool = False  # time the steps of the client's own tasks (a diagnostic)
+    candidate: str | None = None  # a directory holding a modified lehnz_async/ (A/B)
 
 
 DEFAULTS = Options()
-QUICK = Options(seconds=5.0, rounds=1, variants=("none", "lehnz_async"), ks=(1,), nones=1)
-SMOKE = QUICK._replace(seconds=2.0, warmup=0.5, check=True)
+QUICK = Options(
+    seconds=5.0, rounds=1, variants=("none", "lehnz_async"), ks=(1,), nones=1, check=True
+)
+SMOKE = QUICK._replace(seconds=2.0, warmup=0.0)  # no timing is asserted: no warm-up
 
 
 # == the app (`serve`, a process of its own) ==================================================
@@ -107,10 +124,16 @@ class Monitor:
 
     def __init__(self) -> None:
         self.reset()
-        self._gc_started = 0
+        self._gc_started = self._gc_cpu_started = 0.0
 
     def reset(self) -> None:
         self.started = time.perf_counter()
+        self.requests = 0  # /product requests answered
+        #: wall time in the K tracking calls of each of those requests, ns
+        self.track_ns = array.array("q")
+        #: CPU ns in the steps of the client's own tasks on the app's loop (--task-cpu)
+        self.task_cpu_ns: dict[str, int] = {}
+        self.task_steps: dict[str, int] = {}
         self.lag_samples = 0
         self.lag_max = 0.0
         self.lag_sum = 0.0
@@ -121,23 +144,30 @@ class Monitor:
         self.gc_count = [0, 0, 0]
         self.gc_pause = [0.0, 0.0, 0.0]  # seconds
         self.gc_max = [0.0, 0.0, 0.0]
+        #: the same in the thread's CPU time: a pause's wall time includes any moment
+        #: another process had the CPU, which on a shared machine can be most of it
+        self.gc_cpu = [0.0, 0.0, 0.0]
+        self.gc_cpu_max = [0.0, 0.0, 0.0]
         self.gc_collected = [0, 0, 0]
         #: (start since reset, seconds, generation) of each collection over 1 ms, and of
         #: every gen-1 and gen-2 collection
-        self.gc_long: list[tuple[float, float, int]] = []
+        self.gc_long: list[tuple[float, float, int, float]] = []
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        now = time.perf_counter()
+        now, cpu_now = time.perf_counter(), time.thread_time()
         if phase == "start":
-            self._gc_started = now
+            self._gc_started, self._gc_cpu_started = now, cpu_now
             return
         gen, pause = info["generation"], now - self._gc_started
+        cpu = cpu_now - self._gc_cpu_started
+        self.gc_cpu[gen] += cpu
+        self.gc_cpu_max[gen] = max(self.gc_cpu_max[gen], cpu)
         self.gc_count[gen] += 1
         self.gc_pause[gen] += pause
         self.gc_collected[gen] += info.get("collected", 0)
         self.gc_max[gen] = max(self.gc_max[gen], pause)
         if (pause > 0.001 or gen) and len(self.gc_long) < 20_000:
-            self.gc_long.append((self._gc_started - self.started, pause, gen))
+            self.gc_long.append((self._gc_started - self.started, pause, gen, cpu))
 
     async def watch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,12 +185,16 @@ class Monitor:
 
     def figures(self) -> dict[str, Any]:
         # a lag "overlaps GC" if a collection ran in its window (start - interval, end)
-        gc_windows = [(start, start + pause) for start, pause, _ in self.gc_long]
+        gc_windows = [(start, start + pause) for start, pause, _, _ in self.gc_long]
         with_gc = sum(
             any(s < t + lag and e > t - LAG_INTERVAL for s, e in gc_windows) for t, lag in self.lags
         )
         return {
             "seconds": time.perf_counter() - self.started,
+            "requests": self.requests,
+            **_track_figures(sorted(self.track_ns)),
+            "task_cpu_ns": self.task_cpu_ns,
+            "task_steps": self.task_steps,
             "lag_samples": self.lag_samples,
             "lag_max_ms": self.lag_max * 1000,
             "lag_mean_ms": self.lag_sum / self.lag_samples * 1000 if self.lag_samples else 0.0,
@@ -171,11 +205,29 @@ class Monitor:
             "gc_collections": self.gc_count,
             "gc_pause_ms": [p * 1000 for p in self.gc_pause],
             "gc_max_ms": [p * 1000 for p in self.gc_max],
+            "gc_cpu_ms": [p * 1000 for p in self.gc_cpu],
+            "gc_cpu_max_ms": [p * 1000 for p in self.gc_cpu_max],
             "gc_collected": self.gc_collected,
             "gc_long": self.gc_long[:2000],
             "gc_threshold": gc.get_threshold(),
             "gc_tracked_objects": len(gc.get_objects()),
         }
+
+
+def _track_figures(durations: Sequence[int]) -> dict[str, float]:
+    """The tracking calls' wall time per request (sorted ns): its median is what a call
+    costs; the mean includes the rare slow ones (a full batch, preemption by another
+    process); the mean below the 99th percentile leaves preemption out."""
+    if not durations:
+        return {"track_median_us": 0.0, "track_mean_us": 0.0, "track_trimmed_us": 0.0}
+    p99 = _pct(durations, 99)
+    kept = [d for d in durations if d <= p99]
+    return {
+        "track_median_us": _pct(durations, 50) / 1000,
+        "track_mean_us": sum(durations) / len(durations) / 1000,
+        "track_trimmed_us": sum(kept) / len(kept) / 1000,
+        "track_p99_us": p99 / 1000,
+    }
 
 
 class Client:
@@ -223,9 +275,11 @@ class LehnzClient(Client):
         await self.tracker.aclose()
 
     def stats(self) -> dict[str, Any]:
+        import lehnz_async
+
         stats: dict[str, Any] = self.tracker.stats._asdict()
         self.refused = stats["dropped"]
-        return stats
+        return {**stats, "imported_from": str(Path(lehnz_async.__file__).parent)}
 
 
 class SegmentClient(Client):
@@ -278,10 +332,47 @@ CLIENTS: dict[str, type[Client]] = {
     "segment": SegmentClient,
     "posthog": PostHogClient,
     "posthog_async": PostHogAsyncClient,
+    CANDIDATE: LehnzClient,
 }
 
 
-def build_app(client: Client, k: int, monitor: Monitor, report: Path) -> Any:
+def time_client_tasks(loop: asyncio.AbstractEventLoop, monitor: Monitor) -> None:
+    """``--task-cpu``: the tasks the client starts on the app's loop (lehnz_async's flusher
+    and sender workers, AsyncPosthog's consumers) become pure-Python tasks whose every step
+    is timed with ``time.thread_time_ns()``, by the function their coroutine runs. The
+    client's work on the loop outside its tasks' steps (aiohttp's protocol callbacks,
+    timers) is not counted; the pure-Python task adds a few µs per step."""
+    clients = ("lehnz_async", "posthog", "segment")
+
+    class TimedTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
+        def _Task__step(self, exc: BaseException | None = None) -> None:
+            started = time.thread_time_ns()
+            try:
+                super()._Task__step(exc)  # type: ignore[misc]
+            finally:
+                spent = time.thread_time_ns() - started
+                monitor.task_cpu_ns[self._timed] = monitor.task_cpu_ns.get(self._timed, 0) + spent
+                monitor.task_steps[self._timed] = monitor.task_steps.get(self._timed, 0) + 1
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        code = getattr(coro, "cr_code", None)
+        if code is not None and code.co_name == "_run_coro":  # anyio 4.16's TaskHandle
+            inner = getattr(coro.cr_frame.f_locals.get("self"), "_coro", None)
+            code = getattr(inner, "cr_code", code)
+        where = code.co_filename if code is not None else ""
+        if not any(f"/{name}/" in where for name in clients):
+            return asyncio.Task(coro, loop=loop, **kwargs)
+        task = TimedTask(coro, loop=loop, **kwargs)
+        name = getattr(code, "co_qualname", code.co_name)  # co_qualname: Python 3.11+
+        task._timed = f"{where.rsplit('/', 2)[-2]}.{name}"
+        return task
+
+    loop.set_task_factory(factory)
+
+
+def build_app(
+    client: Client, k: int, monitor: Monitor, report: Path, task_cpu: bool = False
+) -> Any:
     """The FastAPI app: ``GET /product/{id}`` and the benchmark's own endpoints."""
     from fastapi import FastAPI
 
@@ -291,6 +382,8 @@ def build_app(client: Client, k: int, monitor: Monitor, report: Path) -> Any:
     async def lifespan(app: Any) -> Any:
         gc.callbacks.append(monitor.on_gc)
         watcher = asyncio.create_task(monitor.watch_loop())
+        if task_cpu:
+            time_client_tasks(asyncio.get_running_loop(), monitor)
         await client.start()
         try:
             yield
@@ -313,6 +406,7 @@ def build_app(client: Client, k: int, monitor: Monitor, report: Path) -> Any:
 
     app = FastAPI(lifespan=lifespan)
     counter = iter(range(1 << 62))
+    perf_counter_ns = time.perf_counter_ns
 
     @app.get("/product/{product_id}")
     async def product(product_id: int, user: str = "usr_anon") -> dict[str, Any]:
@@ -340,8 +434,11 @@ def build_app(client: Client, k: int, monitor: Monitor, report: Path) -> Any:
             "related": [product_id + 1, product_id + 2, product_id + 3],
         }
         n = next(counter)
+        started = perf_counter_ns()
         for j in range(k):
             client.track(user, EVENT_NAMES[(n + j) % 6], item, (n + j) % 20)
+        monitor.track_ns.append(perf_counter_ns() - started)
+        monitor.requests += 1
         client.tracked += k
         return response
 
@@ -363,12 +460,13 @@ def build_app(client: Client, k: int, monitor: Monitor, report: Path) -> Any:
 
 def serve(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="app_overhead.py serve")
-    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--variant", choices=(*VARIANTS, CANDIDATE), required=True)
     parser.add_argument("--k", type=int, default=1)
     parser.add_argument("--sink", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--cpu", type=int, default=APP_CPU)
+    parser.add_argument("--task-cpu", action="store_true", help="time the client's tasks")
     args = parser.parse_args(argv)
     pinned = pin(args.cpu)
 
@@ -377,7 +475,7 @@ def serve(argv: list[str]) -> None:
     loop, http = server_stack()
     monitor = Monitor()
     client = CLIENTS[args.variant](args.sink)
-    app = build_app(client, args.k, monitor, args.report)
+    app = build_app(client, args.k, monitor, args.report, args.task_cpu)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -644,6 +742,37 @@ def proc_cpu(pid: int) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def sampled(pid: int, opts: Options, name: str) -> Iterator[str | None]:
+    """With ``--py-spy DIR``: ``py-spy record --native`` of the app for the window, in
+    py-spy's raw (collapsed stacks) format, pinned to the load's CPU. It stops the app for
+    each sample (--native needs it), which costs the app time: the figures of a sampled
+    run are not comparable with an unsampled one; the shares of its samples are what
+    counts."""
+    if opts.py_spy is None:
+        yield None
+        return
+    out = Path(opts.py_spy) / f"{name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    beside = Path(sys.executable).with_name("py-spy")  # pip install py-spy, in this venv
+    exe = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+    if exe is None:
+        raise SystemExit("py-spy is not installed (pip install py-spy)")
+    cmd = [exe, "record", "--native", "--format", "raw", "--rate", "200"]
+    cmd += ["--duration", str(max(1, round(opts.seconds))), "--pid", str(pid), "-o", str(out)]
+    spy = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_pin_load
+    )
+    try:
+        yield str(out)
+    finally:
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
 def run_app(
     sink: SinkClient, load: Load, variant: str, k: int, opts: Options, workdir: Path
 ) -> dict[str, Any]:
@@ -653,8 +782,11 @@ def run_app(
     sink.reset()
     cmd = [sys.executable, __file__, "serve", "--variant", variant, "--k", str(k)]
     cmd += ["--sink", sink.base_url, "--port", str(port), "--report", str(report)]
-    cmd += ["--cpu", str(APP_CPU)]
+    cmd += ["--cpu", str(APP_CPU)] + (["--task-cpu"] if opts.task_cpu else [])
     env = {n: v for n, v in os.environ.items() if not n.startswith(("POSTHOG_", "LEHNZ_"))}
+    if variant == CANDIDATE:
+        assert opts.candidate is not None
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [opts.candidate, env.get("PYTHONPATH")]))
     with tempfile.TemporaryFile(dir=workdir) as log:
         app = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
         result: dict[str, Any] = {"variant": variant, "k": k, "pid": app.pid}
@@ -674,7 +806,10 @@ def run_app(
                 result["warmup"] = load.run(port, opts.warmup)
             _http("POST", base + "/_bench/reset")
             before = proc_cpu(app.pid)
-            result["load"] = load.run(port, opts.seconds)
+            with sampled(app.pid, opts, f"{variant}-k{k}-{port}") as profile:
+                result["load"] = load.run(port, opts.seconds)
+            if profile:
+                result["py_spy"] = profile
             after = proc_cpu(app.pid)
             result["cpu"] = {key: after[key] - before[key] for key in after if key != "threads"}
             result["threads"] = after["threads"]
@@ -706,7 +841,8 @@ def rotated(items: Sequence[Any], r: int) -> list[Any]:
 
 def plan(opts: Options) -> list[tuple[str, int]]:
     """One round's runs: ``nones`` of "none" spread among (library, K)."""
-    libs = [(v, k) for k in opts.ks for v in opts.variants if v != "none"]
+    variants = [*opts.variants, *([CANDIDATE] if opts.candidate else [])]
+    libs = [(v, k) for k in opts.ks for v in variants if v != "none"]
     if "none" not in opts.variants:
         return libs
     runs: list[tuple[str, int]] = []
@@ -793,6 +929,16 @@ def run_figures(res: dict[str, Any]) -> dict[str, Any]:
         "gc_pause_ms": inside["gc_pause_ms"],
         "gc_max_ms": inside["gc_max_ms"],
         "gc_pause_ms_per_1k": sum(inside["gc_pause_ms"]) / requests * 1000,
+        "gc_cpu_ms": inside.get("gc_cpu_ms", inside["gc_pause_ms"]),
+        "gc_cpu_max_ms": inside.get("gc_cpu_max_ms", inside["gc_max_ms"]),
+        "gc_cpu_ms_per_1k": sum(inside.get("gc_cpu_ms", inside["gc_pause_ms"])) / requests * 1000,
+        # the K tracking calls of a request, timed in the handler (wall time)
+        "track_median_us": inside.get("track_median_us", float("nan")),
+        "track_trimmed_us": inside.get("track_trimmed_us", float("nan")),
+        # CPU in the client's own tasks on the app's loop (--task-cpu only)
+        "task_cpu_ms_per_1k": sum(inside.get("task_cpu_ns", {}).values())
+        / max(inside.get("requests", requests), 1)
+        / 1000,
         "tracked": tracked,
         "delivered": delivered,
         "delivered_percent": delivered / tracked * 100 if tracked else 100.0,
@@ -836,6 +982,8 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
             f[f"gc{gen}_collections"] = f["gc_collections"][gen]
             f[f"gc{gen}_pause_ms"] = f["gc_pause_ms"][gen]
             f[f"gc{gen}_max_ms"] = f["gc_max_ms"][gen]
+            f[f"gc{gen}_cpu_ms"] = f["gc_cpu_ms"][gen]
+            f[f"gc{gen}_cpu_max_ms"] = f["gc_cpu_max_ms"][gen]
         groups.setdefault((res["variant"], res["k"]), []).append(f)
     summary = []
     for (variant, k), figures in groups.items():
@@ -846,7 +994,7 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
             if values:
                 row[key] = summarize(values)
         summary.append(row)
-    order = {v: i for i, v in enumerate(VARIANTS)}
+    order = {v: i for i, v in enumerate((*VARIANTS, CANDIDATE))}
     summary.sort(key=lambda row: (row["variant"] != "none", row["k"], order[row["variant"]]))
     return {"rows": summary}
 
@@ -913,28 +1061,35 @@ def format_report(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Garbage collection in the window (collections; total pause ms; longest ms, per "
-        "generation) and the app's other figures:",
+        "Where the time goes (medians): the tracking calls in the handler, the client's own "
+        "tasks on the loop (`--task-cpu` runs only), garbage collection in CPU time (wall "
+        "time in brackets: it includes preemption by other processes), and per generation "
+        "the collections in the window; CPU ms; the longest, CPU ms:",
         "",
-        "| variant | K | gen 0 | gen 1 | gen 2 | GC ms / 1k req | lags > 10 ms during GC "
+        "| variant | K | tracking calls µs / req | client tasks CPU ms / 1k req "
+        "| GC CPU ms / 1k req (wall) | gen 0 | gen 1 | gen 2 | lags > 10 ms during GC "
         "| main thread ms / 1k req | waited for CPU 0 | context switches / 1k req | threads "
         "| refused at call |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         gens = [
-            f"{row[f'gc{g}_collections']['median']:.0f}; {row[f'gc{g}_pause_ms']['median']:.0f}; "
-            f"{row[f'gc{g}_max_ms']['median']:.1f}"
+            f"{row[f'gc{g}_collections']['median']:.0f}; {row[f'gc{g}_cpu_ms']['median']:.1f}; "
+            f"{row[f'gc{g}_cpu_max_ms']['median']:.1f}"
             for g in range(3)
         ]
+        tasks = row.get("task_cpu_ms_per_1k")
+        gc_cpu, gc_wall = row["gc_cpu_ms_per_1k"]["median"], row["gc_pause_ms_per_1k"]["median"]
         lines.append(
             "| "
             + " | ".join(
                 [
                     row["variant"],
                     "-" if row["variant"] == "none" else str(row["k"]),
+                    _cell(row.get("track_median_us"), "{:.2f}"),
+                    _cell(tasks, "{:.2f}") if tasks and tasks["max"] > 0 else "-",
+                    f"{gc_cpu:.2f} ({gc_wall:.2f})",
                     *gens,
-                    _cell(row["gc_pause_ms_per_1k"], "{:.1f}"),
                     _cell(row["lags_over_10ms_with_gc"], "{:.0f}"),
                     _cell(row["main_thread_ms_per_1k"], "{:.0f}"),
                     _cell(row["cpu_wait_percent"], "{:.1f}%"),
@@ -965,12 +1120,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = [r for r in result["summary"]["rows"] if r["variant"] != "none"]
     ks = sorted({r["k"] for r in rows})
-    libs = [v for v in LIBRARIES if any(r["variant"] == v for r in rows)]
+    libs = [v for v in (*LIBRARIES, CANDIDATE) if any(r["variant"] == v for r in rows)]
     labels = {
         "lehnz_async": "lehnz_async",
         "segment": "Segment",
         "posthog": "PostHog",
         "posthog_async": "PostHog async",
+        CANDIDATE: "candidate",
     }
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     width = 0.8 / max(len(ks), 1)
@@ -1010,10 +1166,12 @@ def check(result: dict[str, Any]) -> list[str]:
     for res in result["raw"]["runs"]:
         f, what = run_figures(res), f"round {res['round'] + 1}, {res['variant']} K={res['k']}"
         if res["load"]["requests"] == 0 or f["load_errors"]:
-            problems.append(f"{what}: {res['load']['requests']} requests, errors {res['load']}")
+            problems.append(
+                f"{what}: {res['load']['requests']} requests, errors {res['load']['error_kinds']}"
+            )
         if res["shutdown"] is None:
             problems.append(f"{what}: the app wrote no shutdown report")
-        if res["variant"] == "lehnz_async" and (
+        if res["variant"] in ("lehnz_async", CANDIDATE) and (
             f["tracked"] == 0 or f["delivered"] != f["tracked"] or f["library_errors"]
         ):
             problems.append(f"{what}: tracked {f['tracked']}, delivered {f['delivered']}")
@@ -1051,6 +1209,15 @@ def main(argv: list[str] | None = None) -> None:
     add("--json", type=Path, default=Path("app_overhead.json"), help="raw results (JSON)")
     add("--png", type=Path, default=PNG, help="the chart (default docs/images/app_overhead.png)")
     add("--no-plot", action="store_true", help="draw nothing (matplotlib not needed)")
+    add("--py-spy", metavar="DIR", help="py-spy record each app's window into DIR (slows it)")
+    add("--task-cpu", action="store_true", help="time the client's own tasks in the app")
+    add("--from-json", type=Path, metavar="FILE", help="no run: the report (and chart) of FILE")
+    add(
+        "--candidate",
+        metavar="DIR",
+        help="also run lehnz_async imported from DIR/lehnz_async (a modified engine), "
+        "alternately with the installed one",
+    )
     args = parser.parse_args(argv)
     opts = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
     changes: dict[str, Any] = {
@@ -1059,6 +1226,9 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": args.rounds,
         "connections": args.connections,
         "loadgen": args.loadgen,
+        "py_spy": args.py_spy,
+        "task_cpu": args.task_cpu or None,
+        "candidate": str(Path(args.candidate).resolve()) if args.candidate else None,
         "variants": tuple(args.variants.split(",")) if args.variants else None,
         "ks": tuple(int(k) for k in args.ks.split(",")) if args.ks else None,
     }
@@ -1075,6 +1245,14 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, interrupted)
 
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        result["summary"] = analyse(result["raw"])  # figures added since are computed
+        print(format_report(result))
+        if not args.no_plot:
+            plot(result, args.png)
+            progress(f"chart: {args.png}")
+        return None
     raw = measure(opts, progress)
     result = {
         "setup": {
@@ -1107,7 +1285,7 @@ def main(argv: list[str] | None = None) -> None:
     problems = check(result)
     for problem in problems:
         progress(f"CHECK FAILED: {problem}")
-    if problems:
+    if problems and opts.check:
         sys.exit(1)
     return None
 
