@@ -1,11 +1,12 @@
 """benchmarks/app_overhead.py runs end to end: a FastAPI app under load, untracked and with
 lehnz_async, and every event the app tracked reaches the sink after SIGTERM.
 
-In tests/integrations: CI runs it once, in its first job. Runs ``--smoke``: none and lehnz_async, K = 1, one round of 2 s windows, no warm-up (about
-10 s). It needs only what ``.[test-core]`` installs (FastAPI, uvicorn): without uvloop and
-httptools the app runs on asyncio and h11, and without ``wrk`` the benchmark's own Python
-load generator drives it. No timing is asserted: figures on a shared machine say nothing about
-correctness; that they were measured at all is checked.
+In tests/integrations: CI runs it once, in its first job. Runs ``--smoke``: none and
+lehnz_async, K = 1, one round of 2 s windows, no warm-up (about 10 s). It needs only what
+``.[test-core]`` installs (FastAPI, uvicorn): without uvloop and httptools the app runs on
+asyncio and h11, and without ``wrk`` the benchmark's own Python load generator drives it.
+No timing is asserted: figures on a shared machine say nothing about correctness; that
+they were measured at all is checked.
 """
 
 from __future__ import annotations
