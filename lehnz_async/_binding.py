@@ -1,32 +1,24 @@
-"""Where a tracker runs: the event loop it is bound to, and everything about loops,
-threads, exit and fork.
+"""Where a tracker runs: the event loop it is bound to, one run at a time.
 
 `LoopBinding` owns the tracker's state machine (NEW → STARTING → RUNNING → CLOSING →
 CLOSED), the event loop the flusher runs on (the caller's, or a `LoopThread` of the
 tracker's own where no loop runs), adoption of a loop that was torn down without
 ``aclose()`` (its batches go back to the buffer and the flusher resumes elsewhere), the
 bridging of calls from other loops (`on_loop`) and other threads (`block_on_loop`), the
-cancellation-proof close, and the exit and fork hooks:
-
-- An exit hook sends what live trackers still hold, within each one's ``exit_timeout``
-  (like the browser's ``keepalive``), for programs that never closed them.
-- An ``os.register_at_fork`` hook gives each tracker in a forked child an empty buffer, a
-  fresh ledger and no session, so that events queued in the parent are sent once, by the
-  parent.
+cancellation-proof close, and what the binding does at interpreter exit (`exit_flush`:
+send what a never-closed tracker holds, within ``exit_timeout``) and in a forked child
+(`reset_after_fork`: start empty). The thread of its own loop is `_loop_thread`'s; the
+process-wide exit and fork hooks that call each live binding are `_exit_hooks`'.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import enum
 import logging
-import os
-import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -36,8 +28,10 @@ import anyio.lowlevel
 from . import _gevent
 from ._buffer import Buffer
 from ._exceptions import BlockingCallError, ConfigurationError, ShutdownError
+from ._exit_hooks import register
 from ._flusher import Flusher
 from ._ledger import Ledger
+from ._loop_thread import LoopThread, running_loop
 
 logger = logging.getLogger("lehnz_async")
 _T = TypeVar("_T")
@@ -56,43 +50,6 @@ class State(enum.Enum):
     CLOSED = "closed"  # everything is settled; track() reports ShutdownError
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-class LoopThread:
-    """An asyncio loop running forever in a daemon thread, until `stop()`."""
-
-    def __init__(self) -> None:
-        if _gevent.threading_patched():
-            # a "thread" would be a greenlet on the hub's OS thread: run in a real one
-            self.loop = _gevent.start_loop_thread(self._native_main)
-            return
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._main, name="lehnz_async-loop", daemon=True)
-        self.thread.start()
-
-    def _native_main(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._main()
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
-
-    def stop(self) -> None:
-        """Stop the loop (from any thread); the thread then closes it and ends."""
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-
-
 class LoopBinding:
     """Binds one tracker's buffer, ledger and flushers to event loops, one run at a time.
 
@@ -105,13 +62,12 @@ class LoopBinding:
             to it.
         close_sessions: Awaited on the loop at the end of a close.
         exit_timeout: Seconds the exit hook gives a tracker that was never closed.
+        clock: Marks the close deadline from the closing thread (`_seams`).
+        resume_in_thread: Whether a run that lost its loop resumes at once on a loop
+            thread of its own (as in production, while threads can still be started) or
+            waits for the next call from a running loop (the deterministic simulation,
+            where a thread would let real time in).
     """
-
-    #: Whether a run that lost its loop resumes at once on a loop thread of its own (as
-    #: in production, while threads can still be started) or waits for the next call
-    #: from a running loop (the deterministic simulation, where a thread would let real
-    #: time in).
-    resume_in_thread = True
 
     def __init__(
         self,
@@ -121,6 +77,8 @@ class LoopBinding:
         forget_sessions: Callable[[], None],
         close_sessions: Callable[[], Coroutine[Any, Any, None]],
         exit_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        resume_in_thread: bool = True,
     ) -> None:
         if _gevent.threading_patched() and (why := _gevent.check_version()) is not None:
             raise ConfigurationError(why)
@@ -133,14 +91,15 @@ class LoopBinding:
         self._forget_sessions = forget_sessions
         self._close_sessions = close_sessions
         self._exit_timeout = exit_timeout
+        self._clock = clock
+        self.resume_in_thread = resume_in_thread
         self._lock = threading.RLock()  # state changes, from any thread
         self._loop_thread = 0  # threading.get_ident() of the loop's thread
         self._own_loop: LoopThread | None = None  # where no loop of the program runs
         self._task: asyncio.Task[None] | None = None
         self._replay_spool = True
         buffer.wake = self.wake
-        with _live_lock:
-            _live.add(self)
+        register(self)  # exit_flush() at exit, reset_after_fork() in a forked child
 
     @property
     def closing(self) -> bool:
@@ -156,7 +115,7 @@ class LoopBinding:
         with self._lock:
             if self.state is not State.NEW:
                 return
-            loop = None if own_thread else _running_loop()
+            loop = None if own_thread else running_loop()
             if loop is None:
                 self._own_loop = LoopThread()
                 self.loop = self._own_loop.loop
@@ -239,7 +198,7 @@ class LoopBinding:
             TimeoutError: not done within ``timeout`` seconds (then it is cancelled).
         """
         loop = self.serving_loop()
-        if threading.get_ident() == self._loop_thread or _running_loop() is loop:
+        if threading.get_ident() == self._loop_thread or running_loop() is loop:
             raise BlockingCallError(
                 "this blocking method was called on the event loop that runs the tracker, "
                 "where it would wait forever; await the async form (flush(), aclose()) instead"
@@ -344,7 +303,7 @@ class LoopBinding:
         blocks it) when it comes: the flusher reads it between hook calls."""
         flusher = self.flusher
         if flusher is not None:
-            flusher.deadline_at = min(flusher.deadline_at, time.monotonic() + timeout)
+            flusher.deadline_at = min(flusher.deadline_at, self._clock() + timeout)
 
     def _hurry(self) -> None:
         if self.flusher is not None:
@@ -449,45 +408,3 @@ class LoopBinding:
         self._ledger.reset()  # and its backlog
         self._unbind()
         self._replay_spool = False  # the parent's spool is the parent's to send
-
-
-_live: weakref.WeakSet[LoopBinding] = weakref.WeakSet()
-_live_lock = threading.Lock()
-
-
-def _at_exit() -> None:
-    with _live_lock:
-        bindings = list(_live)
-    for binding in bindings:
-        try:
-            binding.exit_flush()
-        except Exception:
-            logger.exception("flushing a tracker at exit failed")
-
-
-def _after_fork_in_child() -> None:
-    global _live_lock
-    _live_lock = threading.Lock()  # a thread of the parent may have held it
-    for binding in list(_live):
-        binding.reset_after_fork()
-    if "multiprocessing" in sys.modules:
-        # multiprocessing children leave through os._exit(), which skips atexit, but run
-        # multiprocessing's own finalizers first
-        from multiprocessing import util
-
-        util.Finalize(None, _at_exit, exitpriority=10)
-
-
-# Run before the interpreter shuts down thread pools: threading's own exit callbacks
-# run first (last registered first), and concurrent.futures registers one that stops
-# the default executor, which aiohttp needs to resolve host names. An exit hook in plain
-# atexit would run after that and could not open a connection.
-import concurrent.futures.thread  # noqa: E402  (registers its callback first)
-
-_register_threading_atexit = getattr(threading, "_register_atexit", None)
-if _register_threading_atexit is not None:
-    _register_threading_atexit(_at_exit)
-else:  # pragma: no cover - CPython has had it since 3.9
-    atexit.register(_at_exit)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,12 +1,15 @@
-"""Options of the tracker: the ``DEFAULT_*`` constants and their validation.
+"""Options of the tracker: `Config`, which declares each option once, the ``DEFAULT_*``
+constants and their validation.
 
-Every default lives here and nowhere else; the README's options table mirrors this file.
-All durations are float seconds.
+Every default lives here and nowhere else: `Tracker.__init__`'s signature names these
+constants, and its docstring and the README's options table mirror `Config`
+(``tests/test_api.py`` holds all three to it). All durations are float seconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -17,6 +20,8 @@ from typing import TYPE_CHECKING
 from ._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from ._event import Event
     from ._exceptions import DeliveryError
     from ._retry import RetryPolicy
@@ -126,39 +131,66 @@ def positive_float(name: str, value: float) -> None:
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """Validated tracker options; see the README's options table."""
+    """Every option of `Tracker()`, declared once: its name, type and default.
 
-    api_key: str
-    retry: RetryPolicy
-    endpoint: str = DEFAULT_INGEST_URL
+    The fields are the options, in the order of `Tracker.__init__`'s signature, each
+    with the default the signature shows: a ``DEFAULT_*`` constant of this module, or
+    None, True or False. What each means is written once too, in `Tracker`'s docstring
+    (Args), which the API reference is built from. `Tracker()` passes every argument
+    here as given; `__post_init__` checks each (`ConfigurationError` naming the option)
+    and resolves what None stands for where it stands for something: ``api_key`` (the
+    key in ``$LEHNZ_API_KEY``, or a placeholder with ``capture``), ``endpoint``
+    (``$LEHNZ_ENDPOINT``, else `DEFAULT_INGEST_URL`) and ``retry`` (``RetryPolicy()``);
+    a path-like ``spool_path`` becomes a str. Those fields are typed as resolved.
+    """
+
+    # None: resolved in __post_init__, so these three are typed as the engine reads them
+    api_key: str = None  # type: ignore[assignment]
+    endpoint: str = None  # type: ignore[assignment]
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     flush_interval: float = DEFAULT_FLUSH_INTERVAL
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    on_error: OnError | None = None
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES
+    retry: RetryPolicy = None  # type: ignore[assignment]
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    exit_timeout: float = DEFAULT_EXIT_TIMEOUT
+    overflow: str = DEFAULT_OVERFLOW
+    spool_path: str | None = None
     max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES
     max_event_age: float | None = DEFAULT_MAX_EVENT_AGE
     outage_grace: float | None = DEFAULT_OUTAGE_GRACE
     probe_max_delay: float = DEFAULT_PROBE_MAX_DELAY
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT
+    session: aiohttp.ClientSession | None = None
     proxy: str | None = None
     trust_env: bool = True
     ssl: ssl_module.SSLContext | None = None
     compression: str | None = None
     before_send: Callable[[Event], Event | None] | None = None
-    close_timeout: float = DEFAULT_CLOSE_TIMEOUT
-    exit_timeout: float = DEFAULT_EXIT_TIMEOUT
-    overflow: str = DEFAULT_OVERFLOW
-    spool_path: str | None = None
+    capture: bool = False
+    recommend_endpoint: str | None = None
     attribution_ttl: float | None = None
     attribution_max_users: int = DEFAULT_ATTRIBUTION_MAX_USERS
-    on_error: OnError | None = None
 
     def __post_init__(self) -> None:
+        from ._retry import RetryPolicy
+
+        resolve = functools.partial(object.__setattr__, self)  # frozen: only here
+        api_key: str | None = self.api_key
+        if api_key is None and self.capture and not os.environ.get(API_KEY_ENV):
+            api_key = CAPTURE_API_KEY
+        resolve("api_key", resolve_api_key(api_key))
+        if self.retry is None:
+            resolve("retry", RetryPolicy())
+        resolve("endpoint", resolve_endpoint(self.endpoint))
+        if self.spool_path is not None:
+            resolve("spool_path", os.fspath(self.spool_path))
         if not isinstance(self.endpoint, str) or not self.endpoint.startswith(
             ("http://", "https://")
         ):
@@ -222,8 +254,6 @@ class Config:
             )
         if self.spool_path is not None and not self.spool_path:
             raise ConfigurationError("spool_path must be a file path or None")
-        from ._retry import RetryPolicy
-
         if not isinstance(self.retry, RetryPolicy):
             raise ConfigurationError(
                 f"retry must be a lehnz_async.RetryPolicy, not {type(self.retry).__name__}"

@@ -21,6 +21,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 import anyio._backends._asyncio  # imported now, not by the loop thread: see below
@@ -62,6 +63,7 @@ class Flusher(Holding):
         rng: Backoff jitter.
         replay_spool: Whether this run first re-sends what the spool holds.
         destination: The endpoint's health (outages, the body size learnt from 413).
+        clock: Reads the close deadline between before_send calls (`_seams`).
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class Flusher(Holding):
         rng: random.Random,
         replay_spool: bool,
         destination: Destination,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
+        self._clock = clock
         self._buffer = buffer
         self._ledger = ledger
         self._transport = transport
@@ -108,7 +112,7 @@ class Flusher(Holding):
         self._stop: anyio.CancelScope | None = None
         # set once the close deadline passed: before_send is not called any more
         self._past_deadline = False
-        #: time.monotonic() of the close deadline, set when close is called (read
+        #: clock() of the close deadline, set when close is called (read
         #: between hook calls: a hook that blocks the loop keeps timers from firing)
         self.deadline_at = float("inf")
         # (events, kept so far, index) while before_send runs over a cut; see
@@ -207,7 +211,7 @@ class Flusher(Holding):
         unsettled."""
         self.closing = True
         self.wake.set()
-        self.deadline_at = min(self.deadline_at, time.monotonic() + deadline)
+        self.deadline_at = min(self.deadline_at, self._clock() + deadline)
         with anyio.move_on_after(deadline) as self._deadline:
             await self.done.wait()
         if not self.done.is_set():
@@ -327,7 +331,7 @@ class Flusher(Holding):
         started = time.perf_counter()
         for index, event in enumerate(events):
             self._hooked = (events, kept, index)  # for abandon_hooked()
-            if self._past_deadline or time.monotonic() >= self.deadline_at:
+            if self._past_deadline or self._clock() >= self.deadline_at:
                 self._past_deadline = True  # a hook that blocks cannot stretch the deadline
                 left = events[index:]
                 ledger.fail_taken(left, ShutdownError(_NOT_PREPARED, left))

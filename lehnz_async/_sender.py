@@ -1,21 +1,16 @@
-"""The sender: a pool of worker tasks that deliver batches, settling each in the ledger.
+"""The sender: a pool of worker tasks that deliver batches, and the outage prober.
 
 Every batch lives in the ledger's `Backlog` from its cut to its settlement; workers and
 the outage prober take batches from it and return them to it, along one path,
-`Sender._process` (take, attempt, settle), and nothing else holds one.
+`Sender._process` (take, attempt, then settle, split, back off or park), and nothing else
+holds one. What each attempt's answer decides (retry, backoff, bisection of a poison
+batch, giving up, the start and end of an outage) is `Attempts`' (`_attempts`); this
+module owns the tasks that act on it:
 
-Failures are contained by scope:
-
-- a *batch*: retryable failures are retried with full-jitter backoff inside the
-  `RetryPolicy`; a batch refused as a whole (400/413) is split into halves with derived
-  keys; a batch that keeps getting 5xx while other batches are accepted holds a poison
-  event, and is bisected at once, so that its good events go and the poison one is
-  finally given up (`RetriesExhaustedError`, or the spool) on its own. (Not if an
-  attempt may have stored it, a timeout or a lost answer: halves have new keys, so the
-  server could store their events twice. Such a batch is retried and given up whole.)
-- the *destination*: only evidence across batches (see `Destination`) starts an outage.
-  During an outage workers park what they hold, and one prober sends a parked batch at
-  growing intervals, each parked batch in turn, so that no single batch holds the
+- *workers*, at most ``max_concurrent_requests``, started lazily as batches are cut, each
+  taking the next batch (parked ones first, then backed-off ones whose retry is due);
+- during an outage workers park what they hold, and one *prober* sends a parked batch
+  at growing intervals, each parked batch in turn, so that no single batch holds the
   outage open; any answer that shows the service up resumes every worker, parked
   batches first;
 - a *bug* (any unexpected exception) while a batch is in hand: its parts are failed with
@@ -37,52 +32,21 @@ from typing import Any
 
 import anyio
 
+from ._attempts import PARK, Attempts, Backoff
 from ._backlog import Backlog
 from ._batch import Batch
-from ._exceptions import AuthenticationError, DeliveryError, RejectedError, RetriesExhaustedError
+from ._exceptions import DeliveryError
 from ._health import Destination
 from ._ledger import Fate, Ledger
-from ._retry import RETRYABLE_STATUSES, RetryPolicy
-from ._transport import BatchTransport, Response, TransportFailure
+from ._retry import RetryPolicy
+from ._transport import BatchTransport
 
 logger = logging.getLogger("lehnz_async")
 
 #: Backoff of the first probe of an outage, before jitter; doubles each probe.
 PROBE_BASE_DELAY = 1.0
-#: Consecutive 5xx answers to one batch, while others are accepted, before it is
-#: bisected as holding a poison event.
-POISON_AFTER = 2
 #: Backoff after a bug in a worker's or the prober's own loop, doubling to the cap.
 RESTART_DELAY, RESTART_MAX_DELAY = 0.1, 5.0
-_INGEST_PATH = "/api/v1/events/ingest"
-
-
-class _Retry:
-    """A retryable failure of one attempt."""
-
-    __slots__ = ("delay", "failure", "pause", "response", "unreachable")
-
-    def __init__(
-        self, failure: str, response: Response | None, delay: float | None, unreachable: bool
-    ) -> None:
-        self.failure = failure
-        self.response = response
-        self.delay = delay  # Retry-After, if the server said
-        self.unreachable = unreachable  # no connection could be made
-        # a rate limit or Retry-After holds every worker, not only this batch's
-        self.pause = response is not None and (response.status == 429 or delay is not None)
-
-
-_PARK = object()  # an outage: the batch waits in the backlog, neither retried nor given up
-
-
-class _Backoff:
-    """A retryable failure within the budget: retry at ``due`` (loop time)."""
-
-    __slots__ = ("due",)
-
-    def __init__(self, due: float) -> None:
-        self.due = due
 
 
 class Sender:
@@ -108,14 +72,22 @@ class Sender:
         destination: Destination,
         endpoint: str = "",
     ) -> None:
-        self._transport = transport
         self._ledger = ledger
         self.backlog: Backlog = ledger.backlog
-        self._policy = policy
         self._max_workers = workers
         self._rng = rng
         self.destination = destination
-        self._endpoint = endpoint
+        #: sends a batch once and decides its next step
+        self.attempts = Attempts(
+            transport,
+            ledger,
+            policy,
+            rng,
+            destination,
+            endpoint,
+            outage_began=self._start_probe,
+            outage_ended=self._resume,
+        )
         self._workers = 0
         # set when the backlog may have a batch for a worker, or when stopping
         self._work = asyncio.Event()
@@ -127,16 +99,10 @@ class Sender:
             self._resumed.set()
         self._probing = False
         self._stopped = False
-        # loop time before which no request may start: set by 429 / Retry-After, so
-        # that during a rate limit the whole sender waits, not just the batch told to
-        self._paused_until = 0.0
         self._start_soon: Callable[..., Any] = lambda *args: None
         # the coroutines handed to the task group: a task cancelled before its first step
         # (a loop torn down) never starts its coroutine, which `close_unstarted` closes
         self._spawned: list[Coroutine[Any, Any, None]] = []
-        self._misconfig_logged: set[str] = set()
-        # Retry-After of the last probe's answer: the next probe waits at least that
-        self._probe_wait = 0.0
 
     def bind(self, start_soon: Callable[..., Any]) -> None:
         """Give the sender the run's task group ``start_soon``, to start workers with."""
@@ -233,12 +199,12 @@ class Sender:
         try:
             while held:
                 part = held[-1]
-                outcome = await self._attempts(part, probe)
-                if outcome is _PARK:
+                outcome = await self.attempts.attempt(part, probe)
+                if outcome is PARK:
                     for left in held:
                         self.backlog.park(left)
                     return answered
-                if isinstance(outcome, _Backoff):  # back to the backlog: the worker is free
+                if isinstance(outcome, Backoff):  # back to the backlog: the worker is free
                     now = asyncio.get_running_loop().time()
                     self.backlog.wait(held.pop(), outcome.due)
                     for left in held:  # halves still to send: due now
@@ -270,173 +236,6 @@ class Sender:
             self.freed.set()  # a batch left the active ones: the flusher may cut another
         return answered
 
-    async def _wait_pause(self, loop: asyncio.AbstractEventLoop) -> None:
-        # a loop, not one sleep: another 429 may push the pause further meanwhile. A
-        # timer may fire up to the clock's resolution early: what is left below a
-        # millisecond counts as done, or the loop could spin without time moving.
-        while (delay := self._paused_until - loop.time()) > 0.001:  # noqa: ASYNC110
-            await anyio.sleep(delay)
-
-    async def _attempts(self, part: Batch, probe: bool) -> tuple[Batch, Batch] | object | None:
-        """Attempt ``part`` once: it is settled (None), must be split (its halves), must
-        back off before its next attempt (`_Backoff`, in the backlog, not in a worker's
-        hand), or must wait out an outage (`_PARK`)."""
-        policy, dest = self._policy, self.destination
-        loop = asyncio.get_running_loop()
-        if dest.outage and not probe:
-            return _PARK
-        await self._wait_pause(loop)
-        if dest.outage and not probe:
-            return _PARK
-        outcome = await self._attempt(part)
-        if not isinstance(outcome, _Retry):
-            return outcome
-        part.last_failure = outcome.failure
-        if probe:
-            logger.debug("outage probe: %s", outcome.failure)
-            self._probe_wait = outcome.delay or 0.0  # Retry-After rules
-            return _PARK
-        if outcome.delay is not None:
-            delay = outcome.delay
-        else:
-            delay = policy.delay(part.attempts, self._rng.random)
-        assert part.first_attempt is not None
-        elapsed = loop.time() - part.first_attempt
-        spent = part.attempts >= policy.max_attempts or elapsed + delay > policy.max_time
-        poisoned = self._poisoned(part, outcome)
-        if not poisoned and dest.failed(
-            loop.time(),
-            outcome.failure,
-            part.root,
-            unreachable=outcome.unreachable,
-            budget_spent=spent,
-        ):
-            self._start_probe()
-            return _PARK
-        # a batch given up once already on 5xx (read back from the spool) is not spooled
-        # again as it is: a poison event would keep it going round
-        relapse = spent and part.replayed and part.failures_5xx >= POISON_AFTER
-        if (poisoned or relapse) and part.n > 1 and not part.maybe_sent:  # halves: new keys
-            # 5xx for this batch alone: a poison event is in it; its halves are tried
-            # apart. While others are accepted each half gets a retry budget of its own;
-            # a relapse's halves share what is left of it (one attempt each).
-            logger.debug("%s for %d events, a poison event: bisecting", outcome.failure, part.n)
-            self._ledger.unspill(part)
-            halves = part.split()
-            for half in halves:
-                if not poisoned:
-                    half.attempts, half.first_attempt = part.attempts, part.first_attempt
-                    half.failures_5xx = part.failures_5xx
-            return halves
-        if spent:
-            response = outcome.response
-            settle = self._ledger.fail if relapse else self._ledger.give_up
-            settle(
-                part,
-                RetriesExhaustedError(
-                    f"gave up after {part.attempts} attempt(s) in {elapsed:.1f} s; "
-                    f"last: {outcome.failure}",
-                    part.events,
-                    status=None if response is None else response.status,
-                    server_message=None if response is None else response.message,
-                ),
-            )
-            return None
-        if outcome.pause:
-            self._paused_until = max(self._paused_until, loop.time() + delay)
-        logger.debug("%s; retry %d in %.3f s", outcome.failure, part.attempts, delay)
-        # if an outage begins meanwhile it is parked at once (`Backlog.park_ready`), so
-        # that it goes out first when the endpoint is back
-        return _Backoff(loop.time() + delay)
-
-    def _poisoned(self, part: Batch, outcome: _Retry) -> bool:
-        """Whether ``part`` keeps getting 5xx while other batches are accepted: its own
-        fault (a poison event), not the destination's."""
-        response = outcome.response
-        if response is None or response.status < 500:
-            part.failures_5xx = 0
-            return False
-        if part.failures_5xx == 0:
-            part.others_ok = self.destination.accepted
-        part.failures_5xx += 1
-        return part.failures_5xx >= POISON_AFTER and self.destination.accepted > part.others_ok
-
-    async def _attempt(self, part: Batch) -> tuple[Batch, Batch] | _Retry | None:
-        """One request for ``part``: settled (None), to be split (its halves), or a
-        retryable failure."""
-        ledger, dest = self._ledger, self.destination
-        loop = asyncio.get_running_loop()
-        if part.spill_row is not None and not part.events:
-            try:
-                await ledger.restore(part)
-            except Exception as exc:  # storage's failure: the events stay on disk
-                ledger.unreadable_spill(part, exc)
-                return None
-        if part.first_attempt is None:
-            part.first_attempt = loop.time()
-        part.attempts += 1
-        ledger.attempt(retry=part.attempts > 1)
-        n = part.n
-        started = loop.time()
-        try:
-            response = await self._transport.post(part.body, part.key)
-        except TransportFailure as exc:
-            ledger.answered(loop.time() - started, None, type(exc.__cause__ or exc).__name__)
-            part.maybe_sent |= exc.reached
-            self._misconfigured(exc.hint, str(exc))
-            if exc.permanent:
-                dest.answered(loop.time())  # not the service failing: never an outage
-                error = DeliveryError(f"{exc} (not retried: fix the configuration)", part.events)
-                error.__cause__ = exc.__cause__
-                ledger.settle(part, Fate.FAILED, error)
-                return None
-            return _Retry(str(exc), None, None, unreachable=not exc.reached)
-        except BaseException as exc:  # cancelled, or a surprise the caller settles
-            part.maybe_sent = True  # it may have reached the server meanwhile
-            ledger.answered(loop.time() - started, None, type(exc).__name__)
-            raise
-        status = response.status
-        ledger.answered(loop.time() - started, status, None)
-        failure = f"HTTP {status}: {response.message}"
-        if status in RETRYABLE_STATUSES:
-            return _Retry(failure, response, response.retry_after, unreachable=False)
-        if status in (404, 405):
-            self._misconfigured(
-                f"is it the ingestion URL? It ends in {_INGEST_PATH}"
-                if not self._endpoint.rstrip("/").endswith(_INGEST_PATH)
-                else "is the host the ingestion service?",
-                failure,
-            )
-        if dest.answered(loop.time(), accepted=200 <= status < 300):  # up again
-            self._resume()
-        if 200 <= status < 300:
-            ledger.settle(part, Fate.DELIVERED)
-            return None
-        if status == 413:
-            dest.too_large(len(part.body))
-        if status in (400, 413) and n > 1:
-            logger.debug("%s for %d events; splitting", failure, n)
-            ledger.unspill(part)
-            return part.split()
-        kind: type[DeliveryError]
-        if status in (401, 403):
-            kind, what = AuthenticationError, "the API key was refused"
-        else:
-            kind, what = RejectedError, f"the server rejected {n} event(s)"
-        error = kind(
-            f"{what} ({failure})", part.events, status=status, server_message=response.message
-        )
-        ledger.settle(part, Fate.FAILED, error)
-        return None
-
-    def _misconfigured(self, hint: str, failure: str) -> None:
-        """Before the endpoint has ever answered, say at once (ERROR, once per hint)
-        what in the configuration looks wrong."""
-        if not hint or self.destination.ever_answered or hint in self._misconfig_logged:
-            return
-        self._misconfig_logged.add(hint)
-        logger.error("the endpoint %s looks misconfigured: %s (%s)", self._endpoint, hint, failure)
-
     # -- the outage probe -----------------------------------------------------------------
 
     def _resume(self) -> None:
@@ -467,10 +266,10 @@ class Sender:
                             dest.probe_max_delay, PROBE_BASE_DELAY * 2.0 ** min(probes, 30)
                         )
                         jitter = ceiling / 2 + self._rng.random() * ceiling / 2
-                        delay = max(self._probe_wait, jitter)
-                        self._probe_wait = 0.0
+                        delay = max(self.attempts.probe_wait, jitter)
+                        self.attempts.probe_wait = 0.0
                         await anyio.sleep(delay)
-                        await self._wait_pause(loop)
+                        await self.attempts.wait_pause(loop)
                         self.backlog.park_ready()
                         if not dest.outage:
                             break

@@ -194,38 +194,3 @@ class Spool:
                 conn.executemany("DELETE FROM batches WHERE id = ?", [(i,) for i in remove])
         finally:
             conn.close()
-
-
-class MemorySpool(Spool):
-    """A spool kept in a list, written inline: for the deterministic simulation, where a
-    thread would let real time into virtual time. ``rows`` survives the tracker, so a
-    later tracker given the same object replays it, as with a file."""
-
-    def __init__(self) -> None:
-        super().__init__("<memory>")
-        self.rows: list[SpooledBatch] = []
-        self._next_id = 1
-
-    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
-        return fn(*args)
-
-    def _load(self) -> list[SpooledBatch]:
-        return list(self.rows)
-
-    def _write(self, key: str, n: int, body: bytes) -> int:
-        self.rows.append(SpooledBatch(self._next_id, key, n, body))
-        self._next_id += 1
-        return self._next_id - 1
-
-    def _read(self, row_id: int) -> bytes | None:
-        return next((row.body for row in self.rows if row.id == row_id), None)
-
-    def _size(self) -> int:
-        return sum(len(row.body) for row in self.rows)
-
-    def _commit(self, add: list[tuple[str, int, bytes]], remove: list[int]) -> None:
-        gone = set(remove)
-        self.rows = [row for row in self.rows if row.id not in gone]
-        for key, n, body in add:
-            self.rows.append(SpooledBatch(self._next_id, key, n, body))
-            self._next_id += 1

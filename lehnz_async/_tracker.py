@@ -1,13 +1,12 @@
 """The public `Tracker`: the facade over buffer → flusher → sender → transport.
 
-It holds the public methods and the hot path, and little else: the loop binding
-(`_binding`) runs the engine, the ledger (`_ledger`) settles every event, the recommender
-(`_recommend`) answers ``recommend()``. One rule for a closed tracker (``aclose()`` or
-``close()`` has begun): ``start()`` and ``recommend()`` raise `TrackerClosedError`;
-``track()``, ``identify()``, ``expose()`` and ``atrack()`` report their events to
-``on_error`` as `ShutdownError` (they never raise into a request path); ``flush()`` and
-``flush_sync()`` return at once; ``aclose()`` and ``close()`` do nothing more; no session
-is opened.
+It holds the options and the hot path; three mixins hold the rest: how it is made
+(`_assembly`), its life after ``track()`` (`_lifecycle`: start, mark, flush, close,
+health) and recommendations (`_recommending`). The ledger (`_ledger`) settles every event.
+A closed tracker (``aclose()`` or ``close()`` has begun): ``start()`` and ``recommend()``
+raise `TrackerClosedError`; ``track()``, ``identify()``, ``expose()`` and ``atrack()``
+report their events as `ShutdownError` (never raising into a request path); ``flush()``
+returns at once; ``aclose()`` and ``close()`` do nothing more; no session is opened.
 """
 
 from __future__ import annotations
@@ -17,21 +16,15 @@ import inspect
 import os
 import random
 import ssl as ssl_module
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
 import aiohttp
-import anyio
-import msgspec
 
-from ._binding import LoopBinding, State, _running_loop
-from ._buffer import Buffer
+from ._assembly import Assembly
+from ._binding import State
 from ._config import (
-    API_KEY_ENV,
-    CAPTURE_API_KEY,
     DEFAULT_ATTRIBUTION_MAX_USERS,
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_EXIT_TIMEOUT,
@@ -46,44 +39,31 @@ from ._config import (
     DEFAULT_OUTAGE_GRACE,
     DEFAULT_OVERFLOW,
     DEFAULT_PROBE_MAX_DELAY,
-    DEFAULT_RECOMMEND_CONNECTIONS,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_STALL_TIMEOUT,
     Config,
     OnError,
-    positive_float,
-    resolve_api_key,
-    resolve_endpoint,
 )
 from ._event import FAST_FAMILIES, STANDARD_FAMILIES, Event, build_event
 from ._exceptions import (
-    BlockingCallError,
     ConfigurationError,
     InvalidEventError,
     LehnzError,
     ShutdownError,
     TrackerClosedError,
 )
-from ._flusher import Flusher
-from ._health import Destination
-from ._ledger import Ledger
-from ._marks import Mark, Receipt, Window
-from ._recommend import (
-    Attribution,
-    Recommendation,
-    Recommender,
-    resolve_recommend_url,
-)
+from ._lifecycle import Lifecycle
+from ._recommending import Recommending
 from ._retry import RetryPolicy
+from ._seams import Seams, loop_clock
 from ._spool import Spool
 from ._stats import Stats
-from ._transport import BatchTransport, CaptureTransport, Network, Transport
-from ._watchdog import WATCHDOG, Health, Watch, health_of, probe_of
+from ._transport import BatchTransport
 
 _CLOSED = "the tracker is closed; create a new Tracker to send more"
 
 
-class Tracker:
+class Tracker(Assembly, Lifecycle, Recommending):
     """Collects events with a plain `track()` call and sends them in batches.
 
     ``track()`` never awaits, blocks or does I/O: it validates its arguments, builds an
@@ -136,6 +116,8 @@ class Tracker:
         stall_timeout: Seconds after which a tracker whose oldest event has waited that
             long, with nothing delivered for as long, is *stalled*: logged once at ERROR
             with what it sees, and ``down`` in `health()`. None turns the watchdog off.
+        session: An `aiohttp.ClientSession` to use instead of the tracker's own; the
+            tracker never closes it.
         proxy: An HTTP proxy URL for every request (``http://proxy:3128``).
         trust_env: Honour ``HTTP_PROXY``, ``HTTPS_PROXY`` and ``NO_PROXY`` (default).
         ssl: An `ssl.SSLContext` (a private CA, client certificates); certificates are
@@ -147,8 +129,6 @@ class Tracker:
             in track()): return it (edited or replaced) to send it, or None to drop it
             (counted, reason ``before_send``). If it raises, the event is not sent and is
             reported to ``on_error`` with the exception as the cause.
-        session: An `aiohttp.ClientSession` to use instead of the tracker's own; the
-            tracker never closes it.
         capture: Record batches in memory instead of sending them, for tests: see
             `captured` and `lehnz_async.testing.assert_tracked`. Everything but the HTTP
             runs for real; no key is needed.
@@ -211,101 +191,18 @@ class Tracker:
         attribution_ttl: float | None = None,
         attribution_max_users: int = DEFAULT_ATTRIBUTION_MAX_USERS,
     ) -> None:
-        if capture and api_key is None and not os.environ.get(API_KEY_ENV):
-            api_key = CAPTURE_API_KEY
-        self._config = config = Config(
-            api_key=resolve_api_key(api_key),
-            retry=RetryPolicy() if retry is None else retry,
-            endpoint=resolve_endpoint(endpoint),
-            max_batch_size=max_batch_size,
-            max_batch_bytes=max_batch_bytes,
-            flush_interval=flush_interval,
-            max_concurrent_requests=max_concurrent_requests,
-            request_timeout=request_timeout,
-            max_queue_size=max_queue_size,
-            max_buffer_bytes=max_buffer_bytes,
-            max_spool_bytes=max_spool_bytes,
-            max_event_age=max_event_age,
-            outage_grace=outage_grace,
-            probe_max_delay=probe_max_delay,
-            stall_timeout=stall_timeout,
-            proxy=proxy,
-            trust_env=trust_env,
-            ssl=ssl,
-            compression=compression,
-            before_send=before_send,
-            close_timeout=close_timeout,
-            exit_timeout=exit_timeout,
-            overflow=overflow,
-            spool_path=None if spool_path is None else os.fspath(spool_path),
-            attribution_ttl=attribution_ttl,
-            attribution_max_users=attribution_max_users,
-            on_error=on_error,
-        )
-        spool = None if config.spool_path is None else Spool(config.spool_path)
-        self._ledger = ledger = Ledger(config.on_error, spool)
-        ledger.endpoint = "capture" if capture else config.endpoint
-        self._buffer = buffer = Buffer(config, ledger)
-        # the hot path's handles on the buffer (the same deque for the tracker's life)
-        self._events = buffer.events
-        self._append = buffer.append
-        self._capture = CaptureTransport() if capture else None
-        network = Network(config.proxy, config.trust_env, config.ssl, config.compression)
-        self._transport: BatchTransport = self._capture or Transport(
-            config.endpoint,
-            config.api_key,
-            config.request_timeout,
-            config.max_concurrent_requests,
-            session,
-            network,
-        )
-        self._rng = random.Random()
-        self._destination = Destination(config.outage_grace, config.probe_max_delay, ledger)
-        attribution = None
-        if config.attribution_ttl is not None:
-            attribution = Attribution(config.attribution_ttl, config.attribution_max_users)
-            # attribution only costs the trackers that turn it on: the plain track()
-            # stays as it is, this instance's is a wrapper that fills recommendation_id
-            setattr(self, "track", self._track_attributed)  # noqa: B010
-        self._recommender = Recommender(
-            resolve_recommend_url(recommend_endpoint, config.endpoint),
-            self._capture
-            or Transport(
-                config.endpoint,
-                config.api_key,
-                config.request_timeout,
-                DEFAULT_RECOMMEND_CONNECTIONS,
-                session,
-                Network(config.proxy, config.trust_env, config.ssl),  # answers: no gzip
-            ),
-            attribution,
-        )
-        self._binding = LoopBinding(
-            buffer,
-            ledger,
-            self._make_flusher,
-            self._forget_sessions,
-            self._recommender.transport.close,
-            config.exit_timeout,
-        )
-        self._watch = watch_of(self)
+        # Config declares every option, with its checks: it takes the arguments as given
+        options = dict(locals())
+        del options["self"]
+        self._assemble(Config(**options), Seams())
 
-    def _make_flusher(self, replay_spool: bool) -> Flusher:
-        if self._watch is not None:
-            WATCHDOG.ensure_running()  # first run, or the first in a forked child
-        return Flusher(
-            self._config,
-            self._buffer,
-            self._ledger,
-            self._transport,
-            self._rng,
-            replay_spool,
-            self._destination,
-        )
-
-    def _forget_sessions(self) -> None:
-        self._transport.forget_session()
-        self._recommender.transport.forget_session()
+    @classmethod
+    def _from_seams(cls, seams: Seams, **options: Any) -> Tracker:
+        """A tracker whose engine is made with ``seams`` (`_seams`), given the options of
+        `Tracker()` by name, checked as there. Not public API."""
+        tracker = cls.__new__(cls, **options)  # refuses an option that does not exist
+        tracker._assemble(Config(**options), seams)
+        return tracker
 
     @classmethod
     def _simulated(
@@ -316,16 +213,14 @@ class Tracker:
         spool: Spool | None = None,
         **options: Any,
     ) -> Tracker:
-        """A tracker for the deterministic simulation: an in-memory transport and spool,
-        seeded jitter, and a run that lost its loop resumes on the next loop that calls
-        in (never in a thread of its own). Not public API."""
+        """A tracker for the deterministic simulation: an in-memory transport (which
+        answers recommend() too) and spool (`lehnz_async.testing.MemorySpool`), seeded
+        jitter, the running loop's (virtual) time as its clock, and a run that lost its
+        loop resumes on the next loop that calls in (never in a thread of its own). Not
+        public API."""
         options.setdefault("stall_timeout", None)  # a real-time watchdog: not on virtual time
-        tracker = cls("lehnz_pk_simulation", **options)
-        tracker._transport = transport
-        tracker._ledger.spool = spool
-        tracker._rng = rng
-        tracker._binding.resume_in_thread = False
-        return tracker
+        seams = Seams(transport, spool, rng, loop_clock, resume_in_thread=False)
+        return cls._from_seams(seams, api_key="lehnz_pk_simulation", **options)
 
     # -- the hot path -------------------------------------------------------------------
 
@@ -486,80 +381,7 @@ class Tracker:
             context=context,
         )
 
-    def expose(
-        self,
-        user_id: str,
-        recommendation: Recommendation,
-        *,
-        item_ids: Sequence[str] | None = None,
-        session_id: str | None = None,
-        context: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Queue one ``exposure`` event per item of ``recommendation`` that was shown.
-
-        Each carries the ``recommendation_id`` and its ``position`` (0-based) in the
-        answer in its context, merged over ``context``.
-
-        Args:
-            user_id: Who was shown the items.
-            recommendation: What `recommend()` returned.
-            item_ids: The items actually shown, if not all of them.
-            session_id: The browsing session.
-            context: Extra context for every exposure event (page, slot, ...).
-        """
-        shown = recommendation.all_item_ids if item_ids is None else item_ids
-        position = {item: i for i, item in enumerate(recommendation.all_item_ids)}
-        for item in shown:
-            self.track(
-                user_id,
-                "exposure",
-                event_family="exposure",
-                item_id=item,
-                session_id=session_id,
-                recommendation_id=recommendation.recommendation_id,
-                context={**(context or {}), "position": position.get(item)},
-            )
-
-    async def recommend(self, user_id: str, *, limit: int = 12, **params: Any) -> Recommendation:
-        """Ask ``/recommend`` for items for ``user_id`` (one request, no retry).
-
-        It goes over a connection pool of its own, so batches in flight never delay it.
-        With ``attribution_ttl`` set, the answer's items are remembered for the user, so
-        that later events about them carry its ``recommendation_id``.
-
-        Args:
-            user_id: The user to recommend for.
-            limit: How many items to ask for.
-            **params: Further documented request fields, sent as they are.
-
-        Raises:
-            InvalidEventError: ``user_id`` or ``limit`` is unusable.
-            TrackerClosedError: the tracker was closed.
-            RecommendationError: no answer, a non-2xx answer, or an unreadable one.
-        """
-        if self._binding.closing:
-            raise TrackerClosedError("recommend() on a closed Tracker; create a new Tracker")
-        if type(user_id) is not str or not user_id:
-            raise InvalidEventError("user_id", "must be a non-empty str")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise InvalidEventError("limit", f"must be a positive int, got {limit!r}")
-        body = msgspec.json.encode({**params, "user_id": user_id, "limit": limit})
-        recommender = self._recommender
-        return await self._binding.on_loop(lambda: recommender.recommend(user_id, body))
-
     # -- lifecycle ------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Start the background flusher now (track() also starts it, lazily).
-
-        Raises:
-            TrackerClosedError: the tracker was closed; closed trackers cannot restart.
-        """
-        if self._binding.closing:
-            raise TrackerClosedError(
-                "this Tracker was closed and cannot be restarted; create a new Tracker"
-            )
-        self._binding.ensure_started()
 
     async def __aenter__(self) -> Tracker:
         await self.start()
@@ -589,106 +411,6 @@ class Tracker:
     ) -> None:
         self.close()
 
-    def mark(self) -> Mark:
-        """Mark the events tracked so far, to learn what becomes of them, without
-        sending anything sooner: ``await mark.settled()`` returns a `Receipt` of the
-        *window* this mark ends, the events tracked since the previous ``mark()`` or
-        ``flush()`` of this tracker (or since it started). Cheap, any thread; a worker
-        acknowledges its source messages once ``receipt.ok_to_ack``.
-
-        Called from another thread while the flusher is taking events off the queue,
-        it waits for that to finish (microseconds, or a ``before_send`` call), so that
-        the window holds exactly the events tracked before it.
-        """
-        return Mark(self._close_window(), self._start_for_mark)
-
-    def _close_window(self) -> Window:
-        ledger, buffer, binding = self._ledger, self._buffer, self._binding
-        inside = threading.get_ident() == binding._loop_thread
-        while (window := ledger.close_window(lambda: buffer.queued, inside)) is None:
-            time.sleep(0.0001)
-        return window
-
-    def _start_for_mark(self, blocking: bool) -> None:
-        binding = self._binding
-        if binding.closing:
-            return
-        loop = binding.serving_loop()
-        if blocking and _running_loop() is loop:
-            raise BlockingCallError(
-                "settled_sync() was called on the event loop that runs the tracker, where "
-                "it would wait forever; await mark.settled() instead"
-            )
-
-    async def flush(self, timeout: float | None = None) -> Receipt:
-        """Send what is queued at once, and return once every event tracked before this
-        call is settled, with the `Receipt` of the events tracked since the previous
-        `mark()` or ``flush()`` (or since the tracker started).
-
-        Partial batches are sent at once instead of waiting for ``flush_interval``.
-        During an outage nothing gives up, so without a ``timeout`` this waits until the
-        endpoint is back. Returns at once on a closed tracker (its close settled
-        everything).
-
-        Raises:
-            TimeoutError: not everything settled within ``timeout`` seconds (the events
-                stay queued and in flight: nothing is given up).
-        """
-        if timeout is not None:
-            positive_float("timeout", timeout)
-        mark = self.mark()
-        binding = self._binding
-        try:
-            with anyio.fail_after(timeout):
-                if not binding.closing:
-                    await binding.on_loop(binding.flush)
-                return await mark.settled()
-        except TimeoutError:
-            raise TimeoutError(
-                f"flush() did not settle everything within {timeout} s ({self.stats})"
-            ) from None
-
-    def flush_sync(self, timeout: float | None = None) -> Receipt:
-        """The blocking form of `flush()`, for code that runs no event loop.
-
-        Raises:
-            TimeoutError: not everything settled within ``timeout`` seconds.
-            BlockingCallError: called on the loop that runs the tracker.
-        """
-        mark = self.mark()
-        binding = self._binding
-        started = time.monotonic()
-        if not binding.closing:
-            binding.block_on_loop(binding.flush, timeout)
-        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        return mark.settled_sync(left)
-
-    async def aclose(self, timeout: float | None = None) -> None:
-        """Send what is queued, wait for it to settle, then release the HTTP sessions.
-
-        Idempotent. The close runs to its deadline (``timeout``, default
-        ``close_timeout``) whatever cancels the caller meanwhile (asyncio's
-        ``wait_for``, ``timeout``, a TaskGroup, ``Task.cancel()``, or an anyio cancel
-        scope); then the cancellation is delivered. At the deadline, what is still
-        unsettled is spooled if there is a spool, else reported to ``on_error`` as
-        `ShutdownError`. A second asyncio cancellation brings the deadline forward to
-        now: what is unsettled is spooled or reported at once.
-        """
-        if self._binding.state is not State.CLOSED:
-            await self._binding.aclose(self._close_timeout(timeout))
-
-    def close(self, timeout: float | None = None) -> None:
-        """The blocking form of `aclose()`, for code that runs no event loop.
-
-        Raises:
-            BlockingCallError: called on the loop that runs the tracker.
-        """
-        if self._binding.state is not State.CLOSED:
-            self._binding.close_blocking(self._close_timeout(timeout))
-
-    def _close_timeout(self, timeout: float | None) -> float:
-        return self._config.close_timeout if timeout is None else timeout
-
     # -- reading --------------------------------------------------------------------------
 
     @property
@@ -696,19 +418,6 @@ class Tracker:
         """A snapshot of the counters (see `Stats`); it adds up, from any thread."""
         buffer = self._buffer
         return self._ledger.stats(buffer.queued, buffer.queued_bytes)
-
-    def health(self) -> Health:
-        """Whether delivery works: ``ok``, ``degraded`` (delivering, but events were
-        lost in the last minute, or the spool was set aside) or ``down`` (closed, in an
-        outage, or stalled: see ``stall_timeout``), with the reason, the age of the last
-        2xx and the backlog. Cheap, any thread; made for a readiness probe."""
-        return health_of(
-            self._watch,
-            self._ledger,
-            self._buffer,
-            self._destination,
-            self._binding.state is State.CLOSED,
-        )
 
     @property
     def captured(self) -> list[Event]:
@@ -738,15 +447,3 @@ _init = inspect.signature(Tracker.__init__)
 _SIGNATURE = _init.replace(parameters=[p for p in _init.parameters.values() if p.name != "self"])
 setattr(Tracker, "__signature__", _SIGNATURE)  # noqa: B010  (mypy does not know it)
 _OPTIONS = frozenset(_SIGNATURE.parameters)
-
-
-def watch_of(tracker: Tracker) -> Watch | None:
-    """The tracker's stall watch, registered with the watchdog (None: turned off)."""
-    timeout = tracker._config.stall_timeout
-    if timeout is None:
-        return None
-    probe = probe_of(tracker._ledger, tracker._buffer, tracker._binding, tracker._destination)
-    # events wait up to flush_interval in the queue by design: never call that a stall
-    watch = Watch(max(timeout, 2 * tracker._config.flush_interval), tracker._ledger, probe)
-    WATCHDOG.watch(watch)
-    return watch

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from lehnz_async import DeliveryError, RetryPolicy, Stats, Tracker
+from lehnz_async._seams import Seams
 from lehnz_async.testing import ReferenceServer
 
 #: Retries fast enough for tests over loopback.
@@ -51,13 +52,15 @@ async def make_tracker(
     server: ReferenceServer, errors: Errors
 ) -> AsyncIterator[Callable[..., Tracker]]:
     """Build trackers pointed at the server, with fast retries; after the test each is
-    closed (if the test did not) and its ledger checked: nothing left unsettled."""
+    closed (if the test did not) and its ledger checked: nothing left unsettled.
+    ``seams=`` makes the engine with those (a failing disk's spool, say)."""
     made: list[Tracker] = []
 
-    def make(**options: Any) -> Tracker:
+    def make(seams: Seams | None = None, **options: Any) -> Tracker:
         options.setdefault("on_error", errors)
         options.setdefault("retry", FAST_RETRY)
-        tracker = Tracker(server.api_key, endpoint=server.url, **options)
+        options.update(api_key=server.api_key, endpoint=server.url)
+        tracker = Tracker(**options) if seams is None else Tracker._from_seams(seams, **options)
         made.append(tracker)
         return tracker
 

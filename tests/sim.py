@@ -43,8 +43,8 @@ import looptime
 import msgspec
 
 from lehnz_async import DeliveryError, Event, Mark, RetryPolicy, ShutdownError, Tracker
-from lehnz_async._spool import MemorySpool
-from lehnz_async._transport import Response, TransportFailure, read_answer
+from lehnz_async._transport import BatchTransport, Response, TransportFailure, read_answer
+from lehnz_async.testing import MemorySpool
 
 T = TypeVar("T")
 REQUEST_TIMEOUT = 1.0
@@ -591,9 +591,16 @@ if __name__ == "__main__":
         print(f"seed {arg}: ok, {sim.tracker.stats}, options {sim.options}")
 
 
-def scripted(*, spool: MemorySpool | None = None, latency: float = 0.01, **options: Any) -> Sim:
+def scripted(
+    *,
+    spool: MemorySpool | None = None,
+    latency: float = 0.01,
+    transport: Callable[[Sim], BatchTransport] | None = None,
+    **options: Any,
+) -> Sim:
     """A `Sim` with the given tracker options, no random faults and a fixed latency; give
-    faults through ``sim.transport.script`` or ``sim.transport.faults``."""
+    faults through ``sim.transport.script`` or ``sim.transport.faults``, or ``transport``:
+    what the tracker is given instead of ``sim.transport`` (a wrapper around it)."""
     sim = Sim(0)
     sim.server = ModelServer(body_limit=1_000_000)
     sim.transport.faults = {}
@@ -601,7 +608,10 @@ def scripted(*, spool: MemorySpool | None = None, latency: float = 0.01, **optio
     sim.spool = spool
     sim.options = {"on_error": sim.errors, "request_timeout": REQUEST_TIMEOUT, **options}
     sim.tracker = Tracker._simulated(
-        sim.transport, rng=random.Random(0), spool=spool, **sim.options
+        sim.transport if transport is None else transport(sim),
+        rng=random.Random(0),
+        spool=spool,
+        **sim.options,
     )
     return sim
 

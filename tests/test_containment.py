@@ -23,6 +23,7 @@ from lehnz_async import (
     RetryPolicy,
     Tracker,
 )
+from lehnz_async._seams import Seams
 from lehnz_async._spool import Spool
 from lehnz_async.testing import FaultPlan, ReferenceServer
 
@@ -133,8 +134,8 @@ async def test_a_full_disk_during_a_spill_stops_the_spill_not_the_tracker(
         outage_grace=0.2,
         probe_max_delay=0.3,
         spool_path=tmp_path / "spool.sqlite3",
+        seams=Seams(spool=FullDisk(tmp_path / "spool.sqlite3")),  # the disk's seam
     )
-    tracker._ledger.spool = FullDisk(tmp_path / "spool.sqlite3")  # the disk's seam
     async with tracker:
         await server.outage("refuse", 2.0)
         for i in range(600):  # more than the budget holds, while the endpoint is down

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from lehnz_async import RetriesExhaustedError, _buffer, _flusher, _health, _sender
+from lehnz_async import RetriesExhaustedError, _attempts, _buffer, _flusher, _health, _sender
 from lehnz_async._batch import EVENT_OVERHEAD
 
 pytest.importorskip("looptime", reason="virtual time needs looptime 0.9 (Python 3.11+)")
@@ -90,7 +90,7 @@ def test_mutation_a_poison_batch_counted_as_an_outage_breaks_liveness(
 ) -> None:
     """0.2's rule put back: one batch's failures are evidence of an outage, and no
     bisection. The poison batch then holds everything else."""
-    monkeypatch.setattr(_sender.Sender, "_poisoned", lambda self, part, outcome: False)
+    monkeypatch.setattr(_attempts.Attempts, "_poisoned", lambda self, part, outcome: False)
     failed = _health.Destination.failed
 
     def any_failure_is_evidence(self: Any, now: float, cause: str, root: int, **kw: Any) -> bool:
@@ -289,9 +289,9 @@ class BugOnProbe:
 
 
 def probe_bug_run() -> tuple[Sim, BugOnProbe]:
-    sim = scripted(outage_grace=0.5, probe_max_delay=1.0)
-    bug = BugOnProbe(sim)
-    sim.tracker._transport = bug  # type: ignore[assignment]
+    sim = scripted(outage_grace=0.5, probe_max_delay=1.0, transport=BugOnProbe)
+    bug = sim.tracker._transport
+    assert isinstance(bug, BugOnProbe)
 
     async def main() -> None:
         async with sim.tracker:
@@ -327,11 +327,11 @@ def test_mutation_a_bug_while_probing_that_parks_the_batch_again(
         if not probe:
             return await process(self, batch, probe)
         try:
-            outcome = await self._attempts(batch, True)
+            outcome = await self.attempts.attempt(batch, True)
         except Exception:
             self.backlog.park(batch)  # nothing settled, nothing logged
             return False
-        if outcome is _sender._PARK:
+        if outcome is _attempts.PARK:
             self.backlog.park(batch)
             return False
         if isinstance(outcome, tuple):

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from lehnz_async import AuthenticationError, RetryPolicy
-from lehnz_async._spool import MemorySpool
-from lehnz_async.testing import ReferenceServer
+from lehnz_async.testing import MemorySpool, ReferenceServer
 
 from .conftest import FAST_RETRY, Errors, track_many, user_ids
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from lehnz_async import RetriesExhaustedError, RetryPolicy, ShutdownError
-from lehnz_async._spool import MemorySpool
+from lehnz_async.testing import MemorySpool
 
 pytest.importorskip("looptime", reason="virtual time needs looptime 0.9 (Python 3.11+)")
 

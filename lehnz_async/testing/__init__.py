@@ -27,6 +27,9 @@ dropped connections, rejected events, a proxy's body limit), and `ReferenceServe
 takes it down for a while (connections refused, or a proxy's ``502``/``503`` page), so a
 client's tests run over real HTTP.
 
+`MemorySpool` stands in for the engine's spool where the engine runs on virtual time
+(the deterministic simulation in ``tests/sim.py``): a spool in a list, written inline.
+
 Usage::
 
     async with ReferenceServer() as server:
@@ -37,6 +40,7 @@ Usage::
 
 from ._assertions import assert_tracked
 from ._contract import DEFAULT_TEST_KEY, OutageKind, nginx_page
+from ._doubles import MemorySpool
 from ._faults import Fault, FaultPlan, Outage
 from ._records import RequestRecord
 from ._server import ReferenceServer
@@ -45,6 +49,7 @@ __all__ = [
     "DEFAULT_TEST_KEY",
     "Fault",
     "FaultPlan",
+    "MemorySpool",
     "Outage",
     "OutageKind",
     "ReferenceServer",
