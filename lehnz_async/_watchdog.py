@@ -173,13 +173,20 @@ class _Watchdog:
         self._changed.set()
 
     def ensure_running(self) -> None:
-        """Start the thread if it does not run (first tracker; a forked child)."""
+        """Start the thread if it does not run (first tracker; a forked child). Never
+        raises: without a watchdog (no thread may start while Python 3.12+ shuts down,
+        when the exit hook runs a tracker) delivery goes on unwatched."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
-            self._thread = threading.Thread(target=self._main, name="lehnz_async-watchdog")
-            self._thread.daemon = True
-            self._thread.start()
+            thread = threading.Thread(target=self._main, name="lehnz_async-watchdog")
+            thread.daemon = True
+            try:
+                thread.start()
+            except RuntimeError as exc:  # "can't create new thread at interpreter shutdown"
+                logger.debug("the stall watchdog could not start: %s", exc)
+                return
+            self._thread = thread
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()

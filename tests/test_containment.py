@@ -319,4 +319,6 @@ async def test_the_exit_hook_is_bounded_when_the_loop_never_answers(
     took = time.monotonic() - started
     assert code == 0, out
     assert "REPORTED 15 ShutdownError" in out, out
-    assert took < 1.0 + 2.0 + 5.0, took
+    # exit_timeout + 2 s, plus the interpreter's start and a loaded machine's slack (it
+    # takes 4.3 s here when idle, 9.8 s was seen under CI's load): far below the hook's 60 s
+    assert took < 1.0 + 2.0 + 15.0, took

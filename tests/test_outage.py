@@ -239,7 +239,8 @@ async def test_a_short_outage_end_to_end_over_http(
         for i in range(100, 300):
             tracker.track(f"usr_{i}", "view")
             await asyncio.sleep(0.005)
-        assert tracker.stats.state == "outage"
+        # (on a loaded machine the 2 s outage may be over before the 200 are tracked)
+        assert tracker.stats.state == "outage" or tracker.stats.outages == 1
         await server.wait_for(lambda: not server.is_down, timeout=10)
         await tracker.flush()
     assert sorted(user_ids(server)) == sorted(f"usr_{i}" for i in range(300))
