@@ -126,7 +126,7 @@ class Buffer:
         if len(events) >= limit:
             reason = "max_queue_size" if limit >= self._max else "max_buffer_bytes"
             if not self._drop_oldest:
-                self._dropped(taken=False, reason=reason)
+                self._dropped(reason)
                 return
             if self._ledger.drop_oldest(self.staged, events, reason):
                 self._log_drop(self._ledger.dropped, reason)
@@ -153,8 +153,9 @@ class Buffer:
         """No flusher runs: every track() takes the slow path."""
         self.threshold = 0
 
-    def _dropped(self, taken: bool, reason: str) -> None:
-        self._log_drop(self._ledger.drop(1, taken=taken, reason=reason), reason)
+    def _dropped(self, reason: str) -> None:
+        """The event at hand is refused at the door (drop_newest)."""
+        self._log_drop(self._ledger.drop(1, taken=False, reason=reason), reason)
 
     def _log_drop(self, total: int, reason: str) -> None:
         """One more event dropped (``total`` in all): warn, at most every so often."""
