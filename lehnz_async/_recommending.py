@@ -4,7 +4,7 @@ in ``recommendation_id`` when attribution is on stays with the hot path). A mixi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -24,19 +24,7 @@ class Recommending:
     _binding: LoopBinding
     _recommender: Recommender
 
-    if TYPE_CHECKING:
-
-        def track(
-            self,
-            user_id: str,
-            event_name: str,
-            *,
-            item_id: str | None = None,
-            event_family: str | None = None,
-            session_id: str | None = None,
-            recommendation_id: str | None = None,
-            context: Mapping[str, Any] | None = None,
-        ) -> None: ...
+    track: Callable[..., None]  # (Tracker.track)
 
     def expose(
         self,

@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -165,3 +166,24 @@ def report(name: str, **figures: Any) -> None:
             f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
         )
     )
+
+
+#: Debian's redis-server (CI installs it), for the Celery broker and the stream worker.
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+needs_redis_server = pytest.mark.skipif(
+    shutil.which(REDIS_SERVER) is None, reason="no redis-server: apt-get install redis-server"
+)
+
+
+@contextlib.asynccontextmanager
+async def redis_server(directory: Path) -> AsyncIterator[str]:
+    """A Redis server of its own on a free loopback port, no persistence, working in
+    ``directory``; its URL, and it is stopped afterwards."""
+    port = free_port()
+    async with spawn(
+        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(directory), program=REDIS_SERVER,
+    ) as proc:  # fmt: skip
+        await proc.wait_for("Ready to accept connections")
+        yield f"redis://127.0.0.1:{port}/0"
+        await proc.stop(signal.SIGTERM, timeout=10)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -26,14 +26,18 @@ from celery import Celery
 
 from lehnz_async.testing import ReferenceServer
 
-from ._procs import assert_once, free_port, report, spawn, tracker_env
+from ._procs import (
+    assert_once,
+    needs_redis_server,
+    redis_server,
+    report,
+    spawn,
+    tracker_env,
+)
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.skipif(
-        shutil.which(REDIS_SERVER) is None, reason="no redis-server: apt-get install redis-server"
-    ),
+    needs_redis_server,
     pytest.mark.skipif(sys.platform == "win32", reason="stops the worker with SIGTERM"),
 ]
 
@@ -49,16 +53,10 @@ TASKS = int(os.environ.get("LEHNZ_CELERY_TASKS", "500"))
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[str]:
-    """A Redis server of its own on a free loopback port, stopped after the test."""
-    port = free_port()
-    async with spawn(
-        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        program=REDIS_SERVER,
-    ) as proc:  # fmt: skip
-        await proc.wait_for("Ready to accept connections")
-        yield f"redis://127.0.0.1:{port}/0"
-        await proc.stop(signal.SIGTERM, timeout=10)
+async def broker(tmp_path: Path) -> AsyncIterator[str]:
+    """A Redis server of its own (`_procs.redis_server`), stopped after the test."""
+    async with redis_server(tmp_path) as url:
+        yield url
 
 
 def publish(broker_url: str, n: int) -> None:

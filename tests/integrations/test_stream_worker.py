@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -30,14 +29,19 @@ from lehnz_async.testing import ReferenceServer
 
 from ..conftest import run_process, run_python
 from ..test_readme import EXAMPLES
-from ._procs import ROOT, Proc, free_port, report, spawn, tracker_env
+from ._procs import (
+    ROOT,
+    Proc,
+    needs_redis_server,
+    redis_server,
+    report,
+    spawn,
+    tracker_env,
+)
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.skipif(
-        shutil.which(REDIS_SERVER) is None, reason="no redis-server: apt-get install redis-server"
-    ),
+    needs_redis_server,
     pytest.mark.skipif(sys.platform == "win32", reason="kills a worker with SIGKILL"),
 ]
 
@@ -72,16 +76,9 @@ def connect(redis_url: str) -> redis.asyncio.Redis:
 
 @pytest.fixture
 async def redis_url(tmp_path: Path) -> AsyncIterator[str]:
-    """A Redis server of its own on a free loopback port (as tests/integrations/
-    test_celery.py starts it), stopped after the test."""
-    port = free_port()
-    async with spawn(
-        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(tmp_path), program=REDIS_SERVER,
-    ) as proc:  # fmt: skip
-        await proc.wait_for("Ready to accept connections")
-        yield f"redis://127.0.0.1:{port}/0"
-        await proc.stop(signal.SIGTERM, timeout=10)
+    """A Redis server of its own (`_procs.redis_server`), stopped after the test."""
+    async with redis_server(tmp_path) as url:
+        yield url
 
 
 async def fill(
