@@ -58,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # drivers.py, when run as a script or imported by a test
 
-from drivers import LEHNZ_KEY, LEHNZ_PATH, SINK_SCRIPT, SinkClient, git_commit  # noqa: E402
+from drivers import LEHNZ_KEY, LEHNZ_PATH, SinkClient, git_commit, running_sink  # noqa: E402
 
 LIBRARIES = ("lehnz_async", "segment", "posthog", "posthog_async")
 VARIANTS = ("none", *LIBRARIES)
@@ -672,26 +672,9 @@ class Load:
         return result
 
 
-@contextlib.contextmanager
-def pinned_sink() -> Iterator[SinkClient]:
+def pinned_sink() -> contextlib.AbstractContextManager[SinkClient]:
     """benchmarks/sink.py, pinned to `LOAD_CPU`; stopped by closing its stdin."""
-    cmd = [sys.executable, str(SINK_SCRIPT), "--exit-on-stdin-eof"]
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_pin_load
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        line = proc.stdout.readline()
-        if not line.startswith(b"READY "):
-            raise RuntimeError(f"the sink did not start: it printed {line!r}")
-        yield SinkClient(f"http://127.0.0.1:{int(line.split()[1])}")
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return running_sink(preexec_fn=_pin_load)
 
 
 def free_port() -> int:

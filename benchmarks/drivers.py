@@ -133,10 +133,13 @@ class SinkClient:
 
 
 @contextlib.contextmanager
-def running_sink() -> Iterator[SinkClient]:
-    """Start benchmarks/sink.py with this interpreter; stop it by closing its stdin."""
+def running_sink(preexec_fn: Callable[[], Any] | None = None) -> Iterator[SinkClient]:
+    """Start benchmarks/sink.py with this interpreter (``preexec_fn`` runs in the child
+    before it starts: pinning it to a CPU, say); stop it by closing its stdin."""
     cmd = [sys.executable, str(SINK_SCRIPT), "--exit-on-stdin-eof"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=preexec_fn
+    )
     assert proc.stdin is not None and proc.stdout is not None
     try:
         line = proc.stdout.readline()
