@@ -185,6 +185,12 @@ class Ledger(Spooling, Reporting):
                     self.delivered += n
                 elif fate is Fate.SPOOLED:
                     self.spooled += n
+                    if not spilled:
+                        # queued for the spool's next commit under the lock that counts
+                        # it in a window: a window with spooled events waits for that
+                        # commit (`Windows.done`), and must never see it counted first
+                        assert self.spool is not None
+                        self.spool.add(batch)
                 elif fate is Fate.DROPPED:
                     self.dropped += n
                     self.drops[reason] = self.drops.get(reason, 0) + n
@@ -205,9 +211,6 @@ class Ledger(Spooling, Reporting):
             logger.error("internal error: %r was settled twice (as %s)", batch, fate.value)
             return
         spool = self.spool
-        if fate is Fate.SPOOLED and not spilled:
-            assert spool is not None
-            spool.add(batch)
         if closed_row is not None and spool is not None:
             spool.remove(closed_row)
         if spilled and fate is not Fate.SPOOLED and spool is not None:
