@@ -133,9 +133,10 @@ class Attempts:
         loop = asyncio.get_running_loop()
         if dest.outage and not probe:
             return PARK
-        await self.wait_pause(loop)
-        if dest.outage and not probe:
-            return PARK
+        if self._paused_until > loop.time():  # a 429 or Retry-After paused the sender
+            await self.wait_pause(loop)
+            if dest.outage and not probe:
+                return PARK
         outcome = await self._request(part)
         if not isinstance(outcome, _Retry):
             return outcome
@@ -245,6 +246,11 @@ class Attempts:
             raise
         status = response.status
         ledger.answered(loop.time() - started, status, None)
+        if 200 <= status < 300:
+            if dest.answered(loop.time(), accepted=True):  # up again
+                self._outage_ended()
+            ledger.settle(part, Fate.DELIVERED)
+            return None
         failure = f"HTTP {status}: {response.message}"
         if status in RETRYABLE_STATUSES:
             return _Retry(failure, response, response.retry_after, unreachable=False)
@@ -255,11 +261,8 @@ class Attempts:
                 else "is the host the ingestion service?",
                 failure,
             )
-        if dest.answered(loop.time(), accepted=200 <= status < 300):  # up again
+        if dest.answered(loop.time()):  # up again (answered, if not accepted)
             self._outage_ended()
-        if 200 <= status < 300:
-            ledger.settle(part, Fate.DELIVERED)
-            return None
         if status == 413:
             dest.too_large(len(part.body))
         if status in (400, 413) and n > 1:

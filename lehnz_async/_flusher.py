@@ -263,7 +263,8 @@ class Flusher(Holding):
                 continue
             self._drain_requested = False
             while buffer.queued and (drain or buffer.queued >= config.max_batch_size):
-                await self._free_worker()  # cut only when a worker is free: fuller batches
+                if not sender.has_free_worker:  # cut only when a worker is free: fuller batches
+                    await self._free_worker()
                 if destination.outage:
                     break
                 if self._cut() is None:

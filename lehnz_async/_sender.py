@@ -155,7 +155,8 @@ class Sender:
         retry is due; None when stopped and drained."""
         backlog, loop = self.backlog, asyncio.get_running_loop()
         while True:
-            await self._resumed.wait()
+            if not self._resumed.is_set():  # an outage: wait for its end (no await else)
+                await self._resumed.wait()
             batch = backlog.take(parked_first=True, now=loop.time())
             if batch is not None:
                 return batch
@@ -179,7 +180,8 @@ class Sender:
                 if batch is None:
                     return
                 await self._process(batch)
-                await self._ledger.commit_spool()
+                if (spool := self._ledger.spool) is not None and spool.dirty:
+                    await self._ledger.commit_spool()
                 delay = RESTART_DELAY
             except Exception as exc:
                 self._ledger.internal_error("sender's worker", exc)

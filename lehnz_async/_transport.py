@@ -319,4 +319,6 @@ async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
             break
         chunks.append(chunk)
         size += len(chunk)
-    return b"".join(chunks)
+        if resp.content.at_eof():  # all of it read: no second read to learn so
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -172,6 +172,20 @@ def wait(browser: Any) -> WebDriverWait[Any]:
     return WebDriverWait(browser, WAIT, ignored_exceptions=[StaleElementReferenceException])
 
 
+def click_row(browser: Any, css: str, index: int) -> None:
+    """Click the ``index``-th element matching ``css``, found afresh on each try: a live
+    list may render its rows again between the find and the click."""
+
+    def attempt(driver: Any) -> bool:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        if len(found) <= index:
+            return False
+        found[index].click()
+        return True
+
+    wait(browser).until(attempt, f"could not click {css} [{index}]")
+
+
 def rows(browser: Any, table: str = "events") -> list[list[str]]:
     """The cells' texts of a table's rows, top (newest) first, read in one go."""
     script = (
@@ -268,7 +282,7 @@ def test_refused_requests_show_status_reason_and_event(
     assert missed[2:4] == ["400", "Missing mandatory fields"]
     assert json.loads(missed[5]) == missing
 
-    browser.find_elements(By.CSS_SELECTOR, "#refused tbody tr")[1].click()
+    click_row(browser, "#refused tbody tr", 1)
     wait(browser).until(lambda d: "Item withdrawn from sale" in text(d, "detail-reason"))
     assert "prod_gone" in text(browser, "detail-json")
     assert "lehnz_pk_****" in text(browser, "detail-headers")
@@ -285,7 +299,7 @@ def test_event_detail_shows_its_request_without_the_api_key(
     (request,) = served.call(lambda: list(served.server.requests))
     assert request.idempotency_key
 
-    browser.find_elements(By.CSS_SELECTOR, "#events tbody tr")[1].click()  # the purchase
+    click_row(browser, "#events tbody tr", 1)  # the purchase
     wait(browser).until(lambda d: d.find_elements(By.ID, "detail-json"), "no detail shown")
     shown = json.loads(text(browser, "detail-json"))
     assert shown == {
@@ -348,7 +362,7 @@ def test_counters_and_screenshot(browser: Any, served: Served, tracker: Tracker)
     assert len(rows(browser)) == 10
 
     purchase = next(i for i, row in enumerate(rows(browser)) if row[3] == "purchase")
-    browser.find_elements(By.CSS_SELECTOR, "#events tbody tr")[purchase].click()
+    click_row(browser, "#events tbody tr", purchase)
     wait(browser).until(lambda d: "purchase" in text(d, "detail-json"), "no detail shown")
     screenshot(browser, "inspector.png")
 
@@ -471,7 +485,7 @@ def test_timeline_and_screenshot(browser: Any, served: Served, tracker: Tracker)
 
     # from an anonymous event's detail to the person's timeline
     first = next(i for i, r in enumerate(rows(browser)) if r[0] == "1")
-    browser.find_elements(By.CSS_SELECTOR, "#events tbody tr")[first].click()
+    click_row(browser, "#events tbody tr", first)
     wait(browser).until(lambda d: d.find_elements(By.ID, "detail-timeline"), "no timeline button")
     browser.find_element(By.ID, "detail-timeline").click()
     wait(browser).until(lambda d: len(timeline(d)) == 7, "the timeline did not load")
@@ -503,8 +517,7 @@ def test_timeline_and_screenshot(browser: Any, served: Served, tracker: Tracker)
     assert timeline(browser)[-1].endswith("usr_51 view engagement prod_7")
     assert timeline(browser)[0].endswith("anon_7f3a view engagement prod_7")
 
-    purchase = browser.find_elements(By.CSS_SELECTOR, "#timeline li")[6]
-    purchase.click()
+    click_row(browser, "#timeline li", 6)
     wait(browser).until(lambda d: "89.9" in text(d, "detail-json"), "no detail from the timeline")
     export = browser.find_element(By.ID, "timeline-export-json").get_attribute("href")
     exported = json.loads(fetch(browser, export)["text"])
@@ -621,7 +634,7 @@ def test_key_shaped_values_are_masked_in_every_header(browser: Any, served: Serv
     assert served.post(body.encode(), **headers) == 202
     open_inspector(browser, served)
     wait(browser).until(lambda d: len(rows(d)) == 1)
-    browser.find_elements(By.CSS_SELECTOR, "#events tbody tr")[0].click()
+    click_row(browser, "#events tbody tr", 0)
     wait(browser).until(lambda d: d.find_elements(By.ID, "detail-headers"), "no detail shown")
     shown = text(browser, "detail-headers")
     assert "X-Forwarded-Authorization Bearer lehnz_sk_****" in shown
