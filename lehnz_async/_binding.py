@@ -99,6 +99,7 @@ class LoopBinding:
         self._task: asyncio.Task[None] | None = None
         self._replay_spool = True
         buffer.wake = self.wake
+        buffer.freeze = self.freeze
         register(self)  # exit_flush() at exit, reset_after_fork() in a forked child
 
     @property
@@ -156,7 +157,7 @@ class LoopBinding:
                             "the event loop stopped the tracker without aclose(); its "
                             "%d event(s) go on in a background thread (close the "
                             "tracker, or use asgi.lifespan, to flush on your own terms)",
-                            len(self._buffer.events) + self._ledger.in_flight,
+                            self._buffer.queued + self._ledger.in_flight,
                         )
                         self.ensure_started(own_thread=True)
                 else:
@@ -180,6 +181,21 @@ class LoopBinding:
             # send; move what it held to a loop that runs, and never raise into track()
             self.adopt()
             self.ensure_started()
+
+    def freeze(self) -> None:
+        """Have the running flusher freeze the contexts of the events waiting (a call on
+        its loop, from any thread; see `Flusher.freeze`)."""
+        flusher, loop = self.flusher, self.loop
+        if flusher is None or loop is None:
+            self._buffer.freezing = False
+            return
+        try:
+            if threading.get_ident() == self._loop_thread:
+                loop.call_soon(flusher.freeze)
+            else:
+                loop.call_soon_threadsafe(flusher.freeze)
+        except RuntimeError:  # the loop is closed: wake() deals with it on the next batch
+            self._buffer.freezing = False
 
     # -- bridging -------------------------------------------------------------------------
 

@@ -5,6 +5,11 @@ path) and calls `Buffer.put` otherwise. The threshold is ``max_batch_size - 1`` 
 flusher runs (the event that fills a batch wakes the flusher), ``max_queue_size`` once
 the flusher was woken, and 0 when no flusher runs, so every unusual case is decided off
 the hot path.
+
+Freezing (issue 19): unless a ``before_send`` hook will read them, the contexts of events
+that wait are encoded early, every `FREEZE_EVERY` events, by a call on the loop that the
+slow path schedules (`freeze_waiting`); so the caller's dicts are freed with their
+requests rather than when their batch settles.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import islice, repeat, starmap
+
+import msgspec
 
 from ._batch import EVENT_OVERHEAD
 from ._config import Config
@@ -25,6 +33,9 @@ logger = logging.getLogger("lehnz_async")
 _DROP_LOG_INTERVAL = 10.0  # seconds between two warnings about a full queue
 #: Events refused for the byte budget between two measurements of the event at hand.
 REMEASURE_EVERY = 64
+#: Events that may wait with their caller's context dict before the flusher freezes them
+#: (`Flusher._freeze`), well under CPython's gen-0 threshold of 700 allocations.
+FREEZE_EVERY = 128
 
 
 class Buffer:
@@ -47,8 +58,11 @@ class Buffer:
         "_max_bytes",
         "_refusals",
         "append",
+        "compact_every",
         "event_bytes",
         "events",
+        "freeze",
+        "freezing",
         "staged",
         "threshold",
         "wake",
@@ -62,6 +76,10 @@ class Buffer:
         self.threshold = 0
         #: wakes the running flusher, from any thread (set by the loop binding)
         self.wake: Callable[[], None] = lambda: None
+        #: has the flusher freeze what waits (`Flusher.freeze`), from any thread: a call
+        #: on its loop, scheduled by the loop binding; ``freezing`` while one is due
+        self.freeze: Callable[[], None] = lambda: None
+        self.freezing = False
         self._ledger = ledger
         self._max = config.max_queue_size
         self._max_bytes = config.max_buffer_bytes
@@ -73,6 +91,9 @@ class Buffer:
         self._refusals = 0
         #: bytes one queued event is reckoned to hold in memory (see `observe`)
         self.event_bytes = 0.0
+        #: wake the flusher each time this many events wait in ``events``, so that it
+        #: freezes their contexts (`Flusher._freeze`); 0: never (a before_send hook)
+        self.compact_every = FREEZE_EVERY if config.before_send is None else 0
 
     def __len__(self) -> int:
         return len(self.events)
@@ -111,20 +132,20 @@ class Buffer:
         It runs at least once every ``max_batch_size`` events, and then measures the event
         at hand, so that the byte budget holds even for a producer that never yields.
         """
-        events = self.events
-        limit = self.limit()
+        events, staged = self.events, self.staged
+        limit = self.limit() - len(staged)
         if (running or not self.event_bytes) and len(events) < limit:
             with contextlib.suppress(Exception):  # unencodable: reported when it is cut
                 self.observe(len(encoder.encode(event)), 1)
-            limit = self.limit()
-        if len(events) >= limit and limit < self._max and self._remeasure():
+            limit = self.limit() - len(staged)
+        if len(events) >= limit and limit + len(staged) < self._max and self._remeasure():
             # refused for bytes: every so often measure the event at hand anyway, so the
             # learnt size follows what is tracked now (small events after large ones)
             with contextlib.suppress(Exception):
                 self.observe(len(encoder.encode(event)), 1)
-            limit = self.limit()
+            limit = self.limit() - len(staged)
         if len(events) >= limit:
-            reason = "max_queue_size" if limit >= self._max else "max_buffer_bytes"
+            reason = "max_queue_size" if limit + len(staged) >= self._max else "max_buffer_bytes"
             if not self._drop_oldest:
                 self._dropped(reason)
                 return
@@ -133,11 +154,16 @@ class Buffer:
         events.append(event)
         if running:
             n = len(events)
-            if n >= self._batch_size:
+            if n + len(staged) >= self._batch_size:
                 self.threshold = min(limit, n + self._batch_size)  # look again a batch on
                 self.wake()
+            elif self.compact_every and n >= self.compact_every:
+                self.threshold = min(limit, n + self.compact_every)
+                if not self.freezing:
+                    self.freezing = True
+                    self.freeze()
             else:
-                self.threshold = min(limit, self._batch_size - 1)
+                self.threshold = min(limit, self._next_stop(self._batch_size - 1))
 
     def _remeasure(self) -> bool:
         """One refusal in `REMEASURE_EVERY` (a drop storm does not encode every event)."""
@@ -147,7 +173,49 @@ class Buffer:
     def open(self) -> None:
         """A flusher runs, or drained: let track() wake it again when a batch is full
         (the event that fills it takes the slow path, which wakes the flusher)."""
-        self.threshold = min(self.limit(), len(self.events) + self._batch_size - 1)
+        self.threshold = min(
+            self.limit() - len(self.staged),
+            self._next_stop(len(self.events) + self._batch_size - 1),
+        )
+
+    def _next_stop(self, full: int) -> int:
+        """The length of ``events`` at which track() next takes the slow path: ``full``
+        (a batch is ready), or sooner when freezing: once a batch is, counting what is
+        staged, or ``compact_every`` events wait unfrozen."""
+        if not self.compact_every:
+            return full
+        n = len(self.events)
+        return max(n, min(self._batch_size - len(self.staged), self.compact_every) - 1)
+
+    def freeze_waiting(self) -> None:
+        """Encode the context of each event waiting in ``events`` now and keep it as its
+        JSON (`msgspec.Raw`, which the batch's encode copies verbatim), moving the events
+        to ``staged``: the caller's dict is then freed with its request, not with the
+        batch. (CPython counts a dict towards its next gen-0 collection until it is
+        freed: hundreds held by a queue make an app collect far more often, and promote
+        its objects into full collections.) A context that cannot be encoded stays a
+        dict, and its event is reported when its batch is cut. Loop thread only; other
+        threads may append meanwhile."""
+        n = len(self.events)
+        if not n:
+            return
+        ledger, staged = self._ledger, self.staged
+        start = len(staged)
+        ledger.moving()  # a window's end waits: the move is not seen half done
+        try:  # popleft() n times, from C, each straight into staged: nothing in between
+            staged.extend(starmap(self.events.popleft, repeat((), n)))
+        except IndexError:  # another thread's drop_oldest took some meanwhile
+            pass
+        finally:
+            ledger.moved()
+        raw, encode = msgspec.Raw, encoder.encode
+        for event in list(islice(staged, start, None)):  # (freezing any event is harmless)
+            context = event.context
+            if context.__class__ is dict:
+                try:  # noqa: SIM105 - a try is cheaper than suppress() per event
+                    event.context = raw(encode(context))  # type: ignore[assignment]
+                except Exception:
+                    pass  # reported when its batch is cut
 
     def shut(self) -> None:
         """No flusher runs: every track() takes the slow path."""

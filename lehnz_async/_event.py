@@ -9,7 +9,7 @@ arguments or raises `InvalidEventError` naming the field.
 from __future__ import annotations
 
 import decimal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -152,13 +152,13 @@ def build_event(
 _PLAIN = (str, int, float, bool, type(None))
 
 
-def context_fault(context: dict[str, Any] | None) -> str | None:
+def context_fault(context: object) -> str | None:
     """What in ``context`` JSON cannot carry, named by its path (``context['when']:
     object values cannot be encoded as JSON``), or None if all of it can: what
     `encode_each` says of an event the encoder refused. (A NaN or infinity is carried as
     ``null``, as msgspec, orjson and the browser's ``JSON.stringify`` write it: refusing
     it would mean scanning every body, 30 µs a batch.)"""
-    if context is None:
+    if context is None or context.__class__ is msgspec.Raw:  # frozen: encoded already
         return None
     return _fault(context, "context")
 
@@ -193,3 +193,12 @@ def _fault(value: object, path: str) -> str | None:
 def decode_events(body: bytes) -> list[Event]:
     """The events of a batch body (a spooled one, read back)."""
     return _events_decoder.decode(body)
+
+
+def thaw(events: Iterable[Event]) -> None:
+    """Give back as a dict each context the flusher froze into its JSON (`msgspec.Raw`):
+    what on_error receives is what was tracked."""
+    for event in events:
+        context: object = event.context
+        if isinstance(context, msgspec.Raw):
+            event.context = msgspec.json.decode(context)

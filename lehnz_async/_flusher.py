@@ -136,6 +136,7 @@ class Flusher(Holding):
             # passes at the same moment may swallow it (anyio before 4.16 did, and a
             # close that passed its deadline then waited for ever)
             self._stop = stop = anyio.CancelScope()
+            self._buffer.freezing = False  # one scheduled on a torn-down loop never ran
             if self._past_deadline:  # the close deadline passed before this task began
                 stop.cancel()
             with stop:
@@ -199,7 +200,7 @@ class Flusher(Holding):
         """Return once the queue is below its bound, ``max_queue_size`` or what the byte
         budget allows (or the flusher stops)."""
         buffer = self._buffer
-        while len(buffer.events) >= buffer.limit() and not self.closing and not self.done.is_set():
+        while buffer.queued >= buffer.limit() and not self.closing and not self.done.is_set():
             self.room.clear()
             self.wake.set()
             # room comes when batches are cut or settled; look again at least each tick
@@ -314,6 +315,26 @@ class Flusher(Holding):
             return None
         finally:
             ledger.moved()
+
+    def freeze(self) -> None:
+        """A call on the loop (`Buffer.freeze`): freeze what waits, unless a batch is
+        about to be cut anyway, or an outage or the close holds the queue."""
+        buffer = self._buffer
+        buffer.freezing = False
+        if (
+            self.closing
+            or self.done.is_set()
+            or self._drain_requested
+            or self.sender.destination.outage
+            or buffer.queued >= self._config.max_batch_size
+        ):
+            return
+        try:
+            buffer.freeze_waiting()
+        except Exception as exc:  # a bug: the events stay where they are, unfrozen
+            self._ledger.internal_error("freezer", exc)
+        if buffer.threshold:  # re-armed: the next freeze when as many wait again (a
+            buffer.open()  # threshold of 0, no flusher or no room, stays as it is)
 
     def _window_room(self) -> int | None:
         """Most events the next batch may take off the queue before a window of

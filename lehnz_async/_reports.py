@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ._event import thaw
 from ._exceptions import AuthenticationError, DeliveryError, ShutdownError
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Reporting:
                 error,
             )
             return
+        thaw(error.events)
         local.active = True
         started = time.perf_counter()
         self.hook_running = "on_error"

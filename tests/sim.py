@@ -43,6 +43,7 @@ import looptime
 import msgspec
 
 from lehnz_async import DeliveryError, Event, Mark, RetryPolicy, ShutdownError, Tracker
+from lehnz_async._buffer import FREEZE_EVERY
 from lehnz_async._transport import BatchTransport, Response, TransportFailure, read_answer
 from lehnz_async.testing import MemorySpool
 
@@ -191,12 +192,26 @@ def _hook(event: Event) -> Event | None:
     return msgspec.structs.replace(event, session_id="s")
 
 
+def _context(event: Event) -> dict[str, Any]:
+    """An event's context as tracked, also while the engine holds it frozen (as JSON)."""
+    context: object = event.context
+    if isinstance(context, msgspec.Raw):
+        context = msgspec.json.decode(context)
+    assert isinstance(context, dict)
+    return context
+
+
 class Errors(list[DeliveryError]):
     #: raise after recording one report in this many (an on_error that fails)
     raise_every = 0
+    #: contexts on_error was given other than as a dict or None (frozen ones, say)
+    not_dicts = 0
 
     def __call__(self, error: DeliveryError) -> None:
         self.append(error)
+        self.not_dicts += sum(
+            e.context is not None and type(e.context) is not dict for e in error.events
+        )
         if self.raise_every and len(self) % self.raise_every == 0:
             raise RuntimeError("an on_error that fails")
 
@@ -281,6 +296,11 @@ class Sim:
         self.tracker = Tracker._simulated(
             self.transport, rng=random.Random(seed), spool=self.spool, **self.options
         )
+        if self.options["before_send"] is None:
+            # freeze waiting contexts often enough for the small batches here to see it
+            # (a draw of its own, so that the other draws of a seed stay as they were)
+            every = random.Random(-seed).choice((FREEZE_EVERY, 2, 4, 16, 0))
+            self.tracker._buffer.compact_every = every
         self.next_id = 0
         self.tracked: list[int] = []
         self.poison: set[int] = set()
@@ -375,6 +395,7 @@ class Sim:
         self.check_ledger()
         assert s.queued == 0 and s.in_flight == 0, s
         assert self.tracker._ledger.anomalies == 0, "a batch was settled twice"
+        assert self.errors.not_dicts == 0, "on_error was given a context that is not a dict"
         acked, reported, spooled = self.outcomes()
         twice = {i: n for i, n in self.server.stored.items() if n > 1}
         assert not twice, f"stored twice (a batch changed its key): {sorted(twice)[:10]}"
@@ -461,7 +482,7 @@ class Sim:
             # left to probe with, so nothing shows the service up again.
             backlog = self.tracker._ledger.backlog
             assert self.tracker.stats.state == "outage", "flush() hung outside an outage"
-            ids = [e.context["id"] for b in backlog for e in b.events]  # type: ignore[index]
+            ids = [_context(e)["id"] for b in backlog for e in b.events]
             assert ids and set(ids) & self.poison5xx, f"flush() hung in an outage: {ids[:10]}"
             self.window_start = len(before)
             return
@@ -614,6 +635,19 @@ def scripted(
         **sim.options,
     )
     return sim
+
+
+def run_steadily(sim: Sim, steps: int, n: int, pause: float) -> None:
+    """On virtual time, with ``sim``'s tracker open: ``steps`` times, track ``n`` plain
+    events and sleep ``pause`` seconds; then close it."""
+
+    async def main() -> None:
+        async with sim.tracker:
+            for _ in range(steps):
+                sim.track_some(n, plain=True)
+                await asyncio.sleep(pause)
+
+    run_virtual(main)
 
 
 def run_virtual(main: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -18,7 +18,7 @@ from .conftest import FAST_RETRY, Errors, track_many, user_ids
 
 pytest.importorskip("looptime", reason="virtual time needs looptime 0.9 (Python 3.11+)")
 
-from .sim import Sim, run_virtual, scripted
+from .sim import Sim, run_steadily, run_virtual, scripted
 
 
 @pytest.fixture(autouse=True)
@@ -181,14 +181,7 @@ def test_max_event_age_drops_what_waited_too_long() -> None:
 def test_a_413_teaches_the_body_limit() -> None:
     sim = scripted(latency=0.0, max_batch_size=100, flush_interval=0.1)
     sim.server.body_limit = 3_000
-
-    async def main() -> None:
-        async with sim.tracker:
-            for _ in range(20):
-                sim.track_some(100, plain=True)
-                await asyncio.sleep(1.0)
-
-    run_virtual(main)
+    run_steadily(sim, 20, 100, 1.0)
     sim.check_final()
     assert sim.tracker.stats.delivered == 2_000
     statuses = sim.transport.statuses

@@ -1,0 +1,231 @@
+"""Freezing: events that wait in the queue let go of their caller's context dict (issue
+19). Over real loopback HTTP: the dict is released while its event still waits, the
+server gets the same JSON, on_error gets dicts back, a before_send hook and an
+unencodable context keep theirs, and producer threads lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from lehnz_async import EncodeError, Event, Tracker
+from lehnz_async._buffer import FREEZE_EVERY
+from lehnz_async.testing import ReferenceServer
+
+from .conftest import Errors, assert_ledger
+from .sim import Sim, run_steadily, run_virtual, scripted
+
+pytestmark = pytest.mark.anyio
+
+MakeTracker = Callable[..., Tracker]
+HOLD = 3600.0  # a flush interval that never ends a test's batch on its own
+
+
+async def settle_loop() -> None:
+    """Let the loop run what track() scheduled (a freeze is a call on the loop)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def contexts(n: int) -> list[dict[str, Any]]:
+    return [{"page": "home", "position": i, "tags": ["a", "b"], "z": None} for i in range(n)]
+
+
+async def test_a_waiting_event_lets_go_of_its_context_dict(
+    make_tracker: MakeTracker, server: ReferenceServer
+) -> None:
+    tracker = make_tracker(flush_interval=HOLD)
+    await tracker.start()
+    ctxs = contexts(FREEZE_EVERY * 2)
+    refs = lambda: [sys.getrefcount(ctx) for ctx in ctxs[:FREEZE_EVERY]]  # noqa: E731
+    alone = refs()  # the list's references and the call's
+    for i, ctx in enumerate(ctxs):
+        tracker.track(f"usr_{i}", "view", item_id="prod_1", context=ctx)
+    await settle_loop()
+    assert tracker.stats.queued == len(ctxs)  # nothing was cut: every event still waits
+    assert refs() == alone  # no longer held by the tracker
+    receipt = await tracker.flush()
+    assert receipt.delivered == len(ctxs)
+    assert [e["context"] for e in server.events] == ctxs  # the same JSON, as if not frozen
+
+
+async def test_on_error_gets_each_context_back_as_a_dict(
+    make_tracker: MakeTracker, server: ReferenceServer, errors: Errors
+) -> None:
+    tracker = make_tracker(flush_interval=HOLD)
+    await tracker.start()
+    server.revoke(server.api_key)  # every batch is refused: 401
+    ctxs = contexts(FREEZE_EVERY + 5)
+    for i, ctx in enumerate(ctxs):
+        tracker.track(f"usr_{i}", "view", context=ctx)
+    await settle_loop()
+    await tracker.flush()
+    assert [e.context for e in errors.events] == ctxs
+    assert all(type(e.context) is dict for e in errors.events)
+
+
+async def test_a_before_send_hook_sees_dicts_and_nothing_is_frozen(
+    make_tracker: MakeTracker, server: ReferenceServer
+) -> None:
+    seen: list[object] = []
+
+    def hook(event: Event) -> Event:
+        seen.append(event.context)
+        return event
+
+    tracker = make_tracker(flush_interval=HOLD, before_send=hook)
+    await tracker.start()
+    ctxs = contexts(FREEZE_EVERY * 2)
+    for i, ctx in enumerate(ctxs):
+        tracker.track(f"usr_{i}", "view", context=ctx)
+    await settle_loop()
+    assert all(sys.getrefcount(ctx) > 2 for ctx in ctxs)  # still held: never frozen
+    await tracker.flush()
+    assert seen == ctxs and all(type(c) is dict for c in seen)
+    assert [e["context"] for e in server.events] == ctxs
+
+
+async def test_an_unencodable_context_stays_a_dict_and_fails_alone(
+    make_tracker: MakeTracker, server: ReferenceServer, errors: Errors
+) -> None:
+    tracker = make_tracker(flush_interval=HOLD)
+    await tracker.start()
+    bad = {"when": object()}
+    for i in range(FREEZE_EVERY * 2):
+        tracker.track(f"usr_{i}", "view", context=bad if i == 7 else {"i": i})
+    await settle_loop()
+    await tracker.flush()
+    assert len(server.events) == FREEZE_EVERY * 2 - 1
+    [error] = errors
+    assert isinstance(error, EncodeError) and "context['when']" in str(error)
+    assert error.events[0].context is bad
+
+
+async def test_producer_threads_lose_nothing_while_the_loop_freezes(
+    make_tracker: MakeTracker, server: ReferenceServer
+) -> None:
+    tracker = make_tracker(flush_interval=0.05)
+    await tracker.start()
+    per_thread, threads = 3_000, 4
+
+    def produce(t: int) -> None:
+        for i in range(per_thread):
+            tracker.track(f"usr_{t}_{i}", "view", context={"t": t, "i": i})
+
+    workers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:  # the loop runs meanwhile: the freezes the threads schedule
+        await anyio.to_thread.run_sync(w.join)
+    receipt = await tracker.flush()
+    assert receipt.delivered == per_thread * threads
+    got = sorted((e["context"]["t"], e["context"]["i"]) for e in server.events)
+    assert got == [(t, i) for t in range(threads) for i in range(per_thread)]
+    assert_ledger(tracker.stats)
+
+
+async def test_a_bug_in_the_freezer_costs_no_event(
+    make_tracker: MakeTracker, server: ReferenceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure of one part: the freezer raises half way, after moving the events; it is
+    counted once as an internal error, and every event is delivered unfrozen."""
+    from lehnz_async import _buffer
+
+    def broken(self: _buffer.Buffer) -> None:
+        self.staged.extend(self.events)  # the events moved, as the real one moves them
+        self.events.clear()
+        raise RuntimeError("a bug in the freezer")
+
+    monkeypatch.setattr(_buffer.Buffer, "freeze_waiting", broken)
+    tracker = make_tracker(flush_interval=HOLD)
+    await tracker.start()
+    for i in range(FREEZE_EVERY * 3):
+        tracker.track(f"usr_{i}", "view", context={"i": i})
+        if i % 50 == 0:
+            await settle_loop()
+    receipt = await tracker.flush()
+    assert receipt.delivered == FREEZE_EVERY * 3
+    assert tracker.stats.internal_errors >= 1
+    assert sorted(e["context"]["i"] for e in server.events) == list(range(FREEZE_EVERY * 3))
+
+
+# -- on virtual time: the deterministic simulation's model server and checks ------------
+
+
+def freezing_run(monkeypatch: pytest.MonkeyPatch) -> tuple[Sim, list[int]]:
+    """Defaults but a 5 s flush interval; 200 events/s, 20 at a time, so that 128 wait
+    between two ticks; the sim's mix of poison, 5xx-poison, unencodable and identify
+    events; a 3 s outage at 10 s; a mark every 5 s. Returns the sim and how many events
+    each freeze encoded."""
+    from lehnz_async import _buffer
+
+    frozen: list[int] = []
+    real = _buffer.Buffer.freeze_waiting
+
+    def spy(self: _buffer.Buffer) -> None:
+        frozen.append(len(self.events))
+        real(self)
+
+    monkeypatch.setattr(_buffer.Buffer, "freeze_waiting", spy)
+    sim = scripted(flush_interval=5.0)
+    sim.p_poison5xx = 0.002
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with sim.tracker:
+            for step in range(300):
+                sim.track_some(20)
+                if step == 100:
+                    sim.transport.down_kind = "reset"
+                    sim.transport.down_until = loop.time() + 3.0
+                if step % 50 == 0:
+                    sim.take_mark()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(120.0)  # poison batches run out of retries
+
+    run_virtual(main)
+    return sim, frozen
+
+
+def test_freezing_keeps_every_guarantee_of_the_simulation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sim, frozen = freezing_run(monkeypatch)
+    assert sum(frozen) > 2_000, frozen  # most events waited long enough to be frozen
+    sim.check_final()  # each event delivered once, or reported (as a dict), or spooled
+    sim.check_receipts()
+    assert sim.poison and sim.errors, "the run holds failures to report"
+
+
+def test_mutation_frozen_contexts_reach_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check can fail: without thawing, on_error sees the frozen JSON."""
+    from lehnz_async import _reports
+
+    monkeypatch.setattr(_reports, "thaw", lambda events: None)
+    sim, _ = freezing_run(monkeypatch)
+    with pytest.raises(AssertionError, match="not a dict"):
+        sim.check_final()
+
+
+def test_mutation_a_freeze_that_loses_an_event_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check can fail: a freeze that moves all but the last waiting event."""
+    from lehnz_async import _buffer
+
+    real = _buffer.Buffer.freeze_waiting
+
+    def lossy(self: _buffer.Buffer) -> None:
+        if len(self.events) > 1:
+            self.events.pop()
+        real(self)
+
+    monkeypatch.setattr(_buffer.Buffer, "freeze_waiting", lossy)
+    sim = scripted(flush_interval=5.0)
+    run_steadily(sim, 100, 20, 0.1)
+    with pytest.raises(AssertionError):
+        sim.check_final()
