@@ -336,13 +336,16 @@ CLIENTS: dict[str, type[Client]] = {
 }
 
 
-def time_client_tasks(loop: asyncio.AbstractEventLoop, monitor: Monitor) -> None:
+def time_client_tasks(
+    loop: asyncio.AbstractEventLoop, monitor: Monitor, lehnz: bool = False
+) -> None:
     """``--task-cpu``: the tasks the client starts on the app's loop (lehnz_async's flusher
     and sender workers, AsyncPosthog's consumers) become pure-Python tasks whose every step
     is timed with ``time.thread_time_ns()``, by the function their coroutine runs, less
     any garbage collection that ran meanwhile (counted with GC). The client's work on the
     loop outside its tasks' steps (aiohttp's protocol callbacks, timers) is not counted;
-    the pure-Python task adds a few µs per step."""
+    the pure-Python task adds a few µs per step. With ``lehnz``, lehnz_async's freezes,
+    calls on the loop, are timed too."""
     clients = ("lehnz_async", "posthog", "segment")
 
     class TimedTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
@@ -371,6 +374,32 @@ def time_client_tasks(loop: asyncio.AbstractEventLoop, monitor: Monitor) -> None
         return task
 
     loop.set_task_factory(factory)
+    if lehnz:
+        _time_freezes(monitor)
+
+
+def _time_freezes(monitor: Monitor) -> None:
+    """lehnz_async's freezes (issue 19) are calls on the loop, not steps of a task: time
+    them too, the same way, as ``lehnz_async.Flusher.freeze``."""
+    import importlib
+
+    flusher = importlib.import_module("lehnz_async._flusher").Flusher
+    freeze = getattr(flusher, "freeze", None)
+    if freeze is None:  # an engine from before freezing
+        return
+
+    def timed(self: Any) -> None:
+        started, gc_before = time.thread_time_ns(), sum(monitor.gc_cpu)
+        try:
+            freeze(self)
+        finally:
+            gc_ns = round((sum(monitor.gc_cpu) - gc_before) * 1e9)
+            key = "lehnz_async.Flusher.freeze"
+            spent = time.thread_time_ns() - started - gc_ns
+            monitor.task_cpu_ns[key] = monitor.task_cpu_ns.get(key, 0) + spent
+            monitor.task_steps[key] = monitor.task_steps.get(key, 0) + 1
+
+    flusher.freeze = timed
 
 
 def build_app(
@@ -386,7 +415,9 @@ def build_app(
         gc.callbacks.append(monitor.on_gc)
         watcher = asyncio.create_task(monitor.watch_loop())
         if task_cpu:
-            time_client_tasks(asyncio.get_running_loop(), monitor)
+            time_client_tasks(
+                asyncio.get_running_loop(), monitor, lehnz=isinstance(client, LehnzClient)
+            )
         await client.start()
         try:
             yield

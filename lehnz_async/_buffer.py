@@ -33,9 +33,11 @@ logger = logging.getLogger("lehnz_async")
 _DROP_LOG_INTERVAL = 10.0  # seconds between two warnings about a full queue
 #: Events refused for the byte budget between two measurements of the event at hand.
 REMEASURE_EVERY = 64
-#: Events that may wait with their caller's context dict before the flusher freezes them
-#: (`Flusher._freeze`), well under CPython's gen-0 threshold of 700 allocations.
+#: Events that may wait with their caller's context dict before a freeze is scheduled
+#: (`Buffer.freeze_waiting`), well under CPython's gen-0 threshold of 700 allocations.
 FREEZE_EVERY = 128
+#: Most events one freeze encodes (~0.25 µs each: the loop is held at most ~0.5 ms).
+FREEZE_MAX = 2048
 
 
 class Buffer:
@@ -91,8 +93,8 @@ class Buffer:
         self._refusals = 0
         #: bytes one queued event is reckoned to hold in memory (see `observe`)
         self.event_bytes = 0.0
-        #: wake the flusher each time this many events wait in ``events``, so that it
-        #: freezes their contexts (`Flusher._freeze`); 0: never (a before_send hook)
+        #: schedule a freeze each time this many events wait in ``events``
+        #: (`freeze_waiting`); 0: never (a before_send hook reads the contexts)
         self.compact_every = FREEZE_EVERY if config.before_send is None else 0
 
     def __len__(self) -> int:
@@ -159,11 +161,12 @@ class Buffer:
                 self.wake()
             elif self.compact_every and n >= self.compact_every:
                 self.threshold = min(limit, n + self.compact_every)
-                if not self.freezing:
-                    self.freezing = True
-                    self.freeze()
             else:
                 self.threshold = min(limit, self._next_stop(self._batch_size - 1))
+                return
+            if self.compact_every and not self.freezing:  # (also while no worker is free
+                self.freezing = True  # to take the full batch: what waits is frozen)
+                self.freeze()
 
     def _remeasure(self) -> bool:
         """One refusal in `REMEASURE_EVERY` (a drop storm does not encode every event)."""
@@ -185,7 +188,9 @@ class Buffer:
         if not self.compact_every:
             return full
         n = len(self.events)
-        return max(n, min(self._batch_size - len(self.staged), self.compact_every) - 1)
+        stop = min(self._batch_size - len(self.staged), self.compact_every) - 1
+        # a full batch already waits (no worker free yet): the next freeze as many on
+        return stop if stop > n else n + self.compact_every - 1
 
     def freeze_waiting(self) -> None:
         """Encode the context of each event waiting in ``events`` now and keep it as its
@@ -196,7 +201,7 @@ class Buffer:
         its objects into full collections.) A context that cannot be encoded stays a
         dict, and its event is reported when its batch is cut. Loop thread only; other
         threads may append meanwhile."""
-        n = len(self.events)
+        n = min(len(self.events), FREEZE_MAX)  # the loop is never held long
         if not n:
             return
         ledger, staged = self._ledger, self.staged

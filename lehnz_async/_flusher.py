@@ -317,8 +317,9 @@ class Flusher(Holding):
             ledger.moved()
 
     def freeze(self) -> None:
-        """A call on the loop (`Buffer.freeze`): freeze what waits, unless a batch is
-        about to be cut anyway, or an outage or the close holds the queue."""
+        """A call on the loop (`Buffer.freeze`): freeze what waits, unless a full batch
+        is about to be cut by a free worker anyway, or an outage or the close holds the
+        queue. (While every worker is busy, events pile up past a batch: frozen too.)"""
         buffer = self._buffer
         buffer.freezing = False
         if (
@@ -326,9 +327,9 @@ class Flusher(Holding):
             or self.done.is_set()
             or self._drain_requested
             or self.sender.destination.outage
-            or buffer.queued >= self._config.max_batch_size
+            or (buffer.queued >= self._config.max_batch_size and self.sender.has_free_worker)
         ):
-            return
+            return  # (a full batch with a worker free to take it is cut at once)
         try:
             buffer.freeze_waiting()
         except Exception as exc:  # a bug: the events stay where they are, unfrozen

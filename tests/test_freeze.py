@@ -16,7 +16,7 @@ import pytest
 
 from lehnz_async import EncodeError, Event, Tracker
 from lehnz_async._buffer import FREEZE_EVERY
-from lehnz_async.testing import ReferenceServer
+from lehnz_async.testing import FaultPlan, ReferenceServer
 
 from .conftest import Errors, assert_ledger
 from .sim import Sim, run_steadily, run_virtual, scripted
@@ -229,3 +229,25 @@ def test_mutation_a_freeze_that_loses_an_event_is_caught(monkeypatch: pytest.Mon
     run_steadily(sim, 100, 20, 0.1)
     with pytest.raises(AssertionError):
         sim.check_final()
+
+
+async def test_events_piling_up_behind_busy_workers_are_frozen(
+    make_tracker: MakeTracker, server: ReferenceServer
+) -> None:
+    """A slow server holds the one worker: what waits grows past a batch and is frozen
+    (a full batch is only left unfrozen when a worker is free to take it at once)."""
+    server.faults = FaultPlan(latency=0.5)
+    tracker = make_tracker(flush_interval=HOLD, max_batch_size=100, max_concurrent_requests=1)
+    await tracker.start()
+    ctxs = contexts(600)
+    refs = lambda: [sys.getrefcount(ctx) for ctx in ctxs[200:500]]  # noqa: E731
+    alone = refs()  # tracked while the worker is busy: the list's references only
+    for i, ctx in enumerate(ctxs):
+        tracker.track(f"usr_{i}", "view", context=ctx)
+        if i % 50 == 49:
+            await settle_loop()
+    assert tracker.stats.queued >= 400  # one batch in flight, the rest waits
+    assert refs() == alone
+    receipt = await tracker.flush()
+    assert receipt.delivered == 600
+    assert [e["context"] for e in server.events] == ctxs
