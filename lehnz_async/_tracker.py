@@ -239,7 +239,8 @@ class Tracker(Assembly, Lifecycle, Recommending):
 
         ``event_family`` is filled in for the standard names (view, search, click,
         add_to_cart, remove_from_cart: engagement; checkout_start, purchase: conversion).
-        ``context`` is serialized when its batch is sent: do not mutate it afterwards.
+        ``context`` is serialized after the call, at the latest when its batch is sent:
+        do not mutate it afterwards.
         After close, the event is reported to ``on_error`` as `ShutdownError`.
 
         Raises:
